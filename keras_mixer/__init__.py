@@ -1,0 +1,11 @@
+"""keras-mixer: MLP-Mixer (Tolstikhin et al., 2021) for Keras 3 on JAX, TensorFlow and PyTorch."""
+
+from keras_mixer.layers import MixerBlock
+from keras_mixer.layers import MLPBlock
+from keras_mixer.layers import StochasticDepth
+from keras_mixer.model import MLPMixer
+from keras_mixer.model import VARIANTS
+from keras_mixer.model import variant_config
+from keras_mixer.weights import load_official_params
+
+__version__ = "0.1.0"

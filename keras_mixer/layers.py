@@ -1,0 +1,298 @@
+"""The building blocks of MLP-Mixer: `MLPBlock`, `MixerBlock`, `StochasticDepth`.
+
+Written with `keras.ops` only, so the same code runs on the JAX, TensorFlow
+and PyTorch backends. Reference: Tolstikhin et al., 2021, "MLP-Mixer: An
+all-MLP Architecture for Vision" (arXiv 2105.01601), and the official Flax
+module `vit_jax/models_mixer.py`.
+"""
+
+import keras
+from keras import layers
+from keras import ops
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(
+            f"`{name}` must be a positive integer, got {value!r}. "
+            f"Pass a whole number greater than 0."
+        )
+
+
+def _check_rate(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be a float in [0, 1), got {value!r}.")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(
+            f"`{name}` must be in [0, 1), got {value}. It is a probability of "
+            f"dropping; use 0 to disable it."
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_mixer")
+class StochasticDepth(layers.Layer):
+    """Drops a whole residual branch per sample (stochastic depth).
+
+    In training, each sample's branch output is zeroed with probability
+    `rate` and the kept samples are scaled by `1 / (1 - rate)`, so the
+    expectation is unchanged. At inference the layer is the identity.
+    Apply it to the branch, before the residual addition.
+
+    Args:
+        rate: float in [0, 1), the probability of dropping a sample's branch.
+        seed: int or None, the seed of the layer's `SeedGenerator`.
+
+    Example:
+    >>> layer = StochasticDepth(0.1, seed=0)
+    >>> x = keras.ops.ones((4, 16, 32))
+    >>> tuple(layer(x, training=False).shape)
+    (4, 16, 32)
+
+    Reference: Huang et al., 2016, "Deep Networks with Stochastic Depth".
+    """
+
+    def __init__(self, rate, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        _check_rate("rate", rate)
+        self.rate = float(rate)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.supports_masking = True
+        self.built = True
+
+    def call(self, inputs, training=False):
+        if not training or self.rate == 0.0:
+            return inputs
+        keep_rate = 1.0 - self.rate
+        batch = ops.shape(inputs)[0]
+        mask_shape = (batch,) + (1,) * (len(inputs.shape) - 1)
+        noise = keras.random.uniform(
+            mask_shape, dtype=inputs.dtype, seed=self.seed_generator
+        )
+        # floor(keep_rate + U[0, 1)) is 1 with probability keep_rate.
+        mask = ops.floor(keep_rate + noise)
+        return inputs * (mask / keep_rate)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="keras_mixer")
+class MLPBlock(layers.Layer):
+    """Dense -> GELU -> Dense over the last axis, as in the official `MlpBlock`.
+
+    The output has the input's width. Dropout (as in timm's `Mlp`) follows the
+    activation and the second Dense; the official model uses none, which is
+    the default.
+
+    Args:
+        mlp_dim: int, the hidden width.
+        dropout_rate: float in [0, 1), dropout after GELU and after the output.
+        gelu_approximate: bool, True for the tanh approximation of the
+            official model, False for the exact (erf) GELU of timm.
+        kernel_initializer: initializer of both kernels (LeCun normal).
+        bias_initializer: initializer of both biases (zeros).
+
+    Example:
+    >>> block = MLPBlock(64)
+    >>> tuple(block(keras.ops.ones((2, 16, 32))).shape)
+    (2, 16, 32)
+    """
+
+    def __init__(
+        self,
+        mlp_dim,
+        dropout_rate=0.0,
+        gelu_approximate=True,
+        kernel_initializer="lecun_normal",
+        bias_initializer="zeros",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        _check_positive_int("mlp_dim", mlp_dim)
+        _check_rate("dropout_rate", dropout_rate)
+        self.mlp_dim = mlp_dim
+        self.dropout_rate = float(dropout_rate)
+        self.gelu_approximate = bool(gelu_approximate)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        # `Dense_0` / `Dense_1` follow the official checkpoint's names.
+        self.dense_0 = layers.Dense(
+            mlp_dim,
+            kernel_initializer=self.kernel_initializer,
+            bias_initializer=self.bias_initializer,
+            dtype=self.dtype_policy,
+            name="Dense_0",
+        )
+        self.dropout = layers.Dropout(
+            self.dropout_rate, dtype=self.dtype_policy, name="dropout"
+        )
+
+    def build(self, input_shape):
+        out_dim = input_shape[-1]
+        if out_dim is None:
+            raise ValueError(
+                f"MLPBlock needs a known last dimension, got shape {input_shape}."
+            )
+        # The output width is the input's, known only here.
+        self.dense_1 = layers.Dense(
+            out_dim,
+            kernel_initializer=self.kernel_initializer,
+            bias_initializer=self.bias_initializer,
+            dtype=self.dtype_policy,
+            name="Dense_1",
+        )
+        self.dense_0.build(input_shape)
+        self.dense_1.build(tuple(input_shape[:-1]) + (self.mlp_dim,))
+        self.built = True
+
+    def call(self, inputs, training=None):
+        x = self.dense_0(inputs)
+        x = ops.gelu(x, approximate=self.gelu_approximate)
+        x = self.dropout(x, training=training)
+        x = self.dense_1(x)
+        return self.dropout(x, training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "mlp_dim": self.mlp_dim,
+            "dropout_rate": self.dropout_rate,
+            "gelu_approximate": self.gelu_approximate,
+            "kernel_initializer": keras.initializers.serialize(
+                self.kernel_initializer
+            ),
+            "bias_initializer": keras.initializers.serialize(
+                self.bias_initializer
+            ),
+        }
+
+
+@keras.saving.register_keras_serializable(package="keras_mixer")
+class MixerBlock(layers.Layer):
+    """One Mixer layer: token mixing, then channel mixing, each pre-norm + residual.
+
+    Input and output are `(batch, num_tokens, hidden_dim)`. The token-mixing
+    MLP acts across patches (on the transposed tokens), shared over channels;
+    the channel-mixing MLP acts across channels, shared over patches.
+
+    Args:
+        tokens_mlp_dim: int, hidden width of the token-mixing MLP.
+        channels_mlp_dim: int, hidden width of the channel-mixing MLP.
+        dropout_rate: float in [0, 1), dropout inside both MLPs.
+        stochastic_depth_rate: float in [0, 1), the probability of dropping
+            each residual branch per sample in training.
+        layer_norm_epsilon: float, LayerNorm epsilon (1e-6 as the official
+            model and timm).
+        gelu_approximate: bool, tanh GELU (official) or exact GELU (timm).
+        seed: int or None, seed of the stochastic depth layers.
+
+    Example:
+    >>> block = MixerBlock(tokens_mlp_dim=8, channels_mlp_dim=64)
+    >>> tuple(block(keras.ops.ones((2, 16, 32))).shape)
+    (2, 16, 32)
+    """
+
+    def __init__(
+        self,
+        tokens_mlp_dim,
+        channels_mlp_dim,
+        dropout_rate=0.0,
+        stochastic_depth_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        gelu_approximate=True,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        _check_positive_int("tokens_mlp_dim", tokens_mlp_dim)
+        _check_positive_int("channels_mlp_dim", channels_mlp_dim)
+        _check_rate("dropout_rate", dropout_rate)
+        _check_rate("stochastic_depth_rate", stochastic_depth_rate)
+        if not layer_norm_epsilon > 0:
+            raise ValueError(
+                f"`layer_norm_epsilon` must be positive, got {layer_norm_epsilon}."
+            )
+        self.tokens_mlp_dim = tokens_mlp_dim
+        self.channels_mlp_dim = channels_mlp_dim
+        self.dropout_rate = float(dropout_rate)
+        self.stochastic_depth_rate = float(stochastic_depth_rate)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.gelu_approximate = bool(gelu_approximate)
+        self.seed = seed
+
+        mlp_kwargs = dict(
+            dropout_rate=self.dropout_rate,
+            gelu_approximate=self.gelu_approximate,
+            dtype=self.dtype_policy,
+        )
+        norm_kwargs = dict(epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy)
+        # Names follow the official checkpoint (`LayerNorm_0`, `token_mixing`,
+        # `LayerNorm_1`, `channel_mixing`); converters and sharding layouts
+        # key on them.
+        self.token_norm = layers.LayerNormalization(name="LayerNorm_0", **norm_kwargs)
+        self.token_mixing = MLPBlock(tokens_mlp_dim, name="token_mixing", **mlp_kwargs)
+        self.channel_norm = layers.LayerNormalization(
+            name="LayerNorm_1", **norm_kwargs
+        )
+        self.channel_mixing = MLPBlock(
+            channels_mlp_dim, name="channel_mixing", **mlp_kwargs
+        )
+        # Two generators so the two branches draw independent masks.
+        self.token_drop = StochasticDepth(
+            self.stochastic_depth_rate,
+            seed=seed,
+            dtype=self.dtype_policy,
+            name="token_stochastic_depth",
+        )
+        self.channel_drop = StochasticDepth(
+            self.stochastic_depth_rate,
+            seed=None if seed is None else seed + 1,
+            dtype=self.dtype_policy,
+            name="channel_stochastic_depth",
+        )
+
+    def build(self, input_shape):
+        if len(input_shape) != 3 or input_shape[1] is None or input_shape[2] is None:
+            raise ValueError(
+                "MixerBlock expects inputs of shape (batch, num_tokens, "
+                f"hidden_dim) with known num_tokens and hidden_dim, got "
+                f"{input_shape}."
+            )
+        batch, num_tokens, hidden_dim = input_shape
+        self.token_norm.build(input_shape)
+        self.token_mixing.build((batch, hidden_dim, num_tokens))
+        self.channel_norm.build(input_shape)
+        self.channel_mixing.build(input_shape)
+        self.built = True
+
+    def call(self, inputs, training=None):
+        x = self.token_norm(inputs)
+        x = ops.transpose(x, (0, 2, 1))
+        x = self.token_mixing(x, training=training)
+        x = ops.transpose(x, (0, 2, 1))
+        x = inputs + self.token_drop(x, training=training)
+        y = self.channel_norm(x)
+        y = self.channel_mixing(y, training=training)
+        return x + self.channel_drop(y, training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "tokens_mlp_dim": self.tokens_mlp_dim,
+            "channels_mlp_dim": self.channels_mlp_dim,
+            "dropout_rate": self.dropout_rate,
+            "stochastic_depth_rate": self.stochastic_depth_rate,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "gelu_approximate": self.gelu_approximate,
+            "seed": self.seed,
+        }

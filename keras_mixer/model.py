@@ -1,0 +1,312 @@
+"""`MLPMixer`, the paper's model, and the table of its variants."""
+
+import keras
+from keras import layers
+
+from keras_mixer.layers import MixerBlock
+from keras_mixer.layers import _check_positive_int
+from keras_mixer.layers import _check_rate
+
+# Table 1 of the paper. A variant name is `<size>/<patch>`, e.g. "B/16".
+MODEL_SIZES = {
+    "S": dict(num_blocks=8, hidden_dim=512, tokens_mlp_dim=256, channels_mlp_dim=2048),
+    "B": dict(num_blocks=12, hidden_dim=768, tokens_mlp_dim=384, channels_mlp_dim=3072),
+    "L": dict(num_blocks=24, hidden_dim=1024, tokens_mlp_dim=512, channels_mlp_dim=4096),
+    "H": dict(num_blocks=32, hidden_dim=1280, tokens_mlp_dim=640, channels_mlp_dim=5120),
+}
+VARIANTS = ("S/32", "S/16", "B/32", "B/16", "L/32", "L/16", "H/14")
+
+
+def variant_config(name):
+    """Returns the architecture arguments of a paper variant, e.g. "B/16".
+
+    Args:
+        name: str, one of `VARIANTS`.
+
+    Example:
+    >>> variant_config("S/32")["hidden_dim"]
+    512
+    """
+    if name not in VARIANTS:
+        raise ValueError(
+            f"Unknown MLP-Mixer variant {name!r}. Valid names: "
+            f"{', '.join(VARIANTS)}."
+        )
+    size, patch = name.split("/")
+    return {"patch_size": int(patch), **MODEL_SIZES[size]}
+
+
+def _pair(name, value):
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    try:
+        value = tuple(value)
+    except TypeError:
+        value = (value,)
+    if len(value) != 2:
+        raise ValueError(
+            f"`{name}` must be an int or a pair (height, width), got {value!r}."
+        )
+    for v in value:
+        _check_positive_int(name, v)
+    return value
+
+
+def _check_image_shape(image_shape, patch_size):
+    try:
+        image_shape = tuple(image_shape)
+    except TypeError:
+        image_shape = (image_shape,)
+    if len(image_shape) != 3:
+        raise ValueError(
+            "`image_shape` must be (height, width, channels), e.g. (224, 224, 3); "
+            f"got {image_shape!r}."
+        )
+    for v in image_shape:
+        _check_positive_int("image_shape", v)
+    height, width, _ = image_shape
+    ph, pw = patch_size
+    for side, size, patch in (("height", height, ph), ("width", width, pw)):
+        if size % patch:
+            lower = max(patch, size // patch * patch)
+            raise ValueError(
+                f"Image {side} {size} is not divisible by the patch {side} "
+                f"{patch}: the image must split into whole patches. Use an "
+                f"image {side} that is a multiple of {patch} (e.g. {lower} or "
+                f"{lower + patch}), or resize/crop the inputs to that size."
+            )
+    return image_shape
+
+
+@keras.saving.register_keras_serializable(package="keras_mixer")
+class MLPMixer(keras.Model):
+    """MLP-Mixer (Tolstikhin et al., 2021), as a functional Keras model.
+
+    Patches are embedded by a strided convolution (`stem`), mixed by
+    `num_blocks` `MixerBlock`s, normalised (`pre_head_layer_norm`), averaged
+    over tokens (the pre-logits) and classified by a linear `head`.
+    Initialisation follows the official code: LeCun-normal kernels, zero
+    biases, zero head kernel.
+
+    Args:
+        image_shape: tuple (height, width, channels); height and width must
+            be multiples of the patch size. Non-square is allowed.
+        patch_size: int or tuple (patch_height, patch_width).
+        num_blocks: int, the number of Mixer blocks.
+        hidden_dim: int, the patch embedding width C.
+        tokens_mlp_dim: int, hidden width D_S of the token-mixing MLPs.
+        channels_mlp_dim: int, hidden width D_C of the channel-mixing MLPs.
+        num_classes: int or None; None returns the pooled pre-logits
+            features of width `hidden_dim` instead of logits.
+        dropout_rate: float in [0, 1), dropout inside the MLPs.
+        stochastic_depth_rate: float in [0, 1), the drop rate of the last
+            block; rates grow linearly from 0 at the first block.
+        layer_norm_epsilon: float, 1e-6 as in the official model and timm.
+        gelu_approximate: bool, True for the official model's tanh GELU,
+            False for timm's exact GELU.
+        include_preprocessing: bool. True: the model takes pixels in
+            [0, 255] and scales them to [-1, 1] itself, so exported files
+            take raw pixels. False: it takes [-1, 1] inputs, as the
+            official code does.
+        seed: int or None, the seed of the stochastic depth layers.
+        dtype: dtype or `keras.DTypePolicy` of the layers (None: the global
+            policy).
+        name: str, the model's name.
+
+    Example:
+    >>> model = MLPMixer(image_shape=(32, 32, 3), patch_size=4, num_blocks=2,
+    ...                  hidden_dim=32, tokens_mlp_dim=16, channels_mlp_dim=64,
+    ...                  num_classes=10)
+    >>> tuple(model(keras.ops.zeros((1, 32, 32, 3))).shape)
+    (1, 10)
+    """
+
+    def __init__(
+        self,
+        image_shape=(224, 224, 3),
+        patch_size=16,
+        num_blocks=12,
+        hidden_dim=768,
+        tokens_mlp_dim=384,
+        channels_mlp_dim=3072,
+        num_classes=1000,
+        dropout_rate=0.0,
+        stochastic_depth_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        gelu_approximate=True,
+        include_preprocessing=True,
+        seed=None,
+        dtype=None,
+        name="mlp_mixer",
+        **kwargs,
+    ):
+        patch = _pair("patch_size", patch_size)
+        image_shape = _check_image_shape(image_shape, patch)
+        for arg, value in (
+            ("num_blocks", num_blocks),
+            ("hidden_dim", hidden_dim),
+            ("tokens_mlp_dim", tokens_mlp_dim),
+            ("channels_mlp_dim", channels_mlp_dim),
+        ):
+            _check_positive_int(arg, value)
+        if num_classes is not None:
+            _check_positive_int("num_classes", num_classes)
+        _check_rate("dropout_rate", dropout_rate)
+        _check_rate("stochastic_depth_rate", stochastic_depth_rate)
+        height, width, _ = image_shape
+        num_tokens = (height // patch[0]) * (width // patch[1])
+
+        # === Functional graph ===
+        inputs = keras.Input(shape=image_shape, name="images")
+        x = inputs
+        if include_preprocessing:
+            x = layers.Rescaling(
+                scale=1.0 / 127.5, offset=-1.0, dtype=dtype, name="rescaling"
+            )(x)
+        x = layers.Conv2D(
+            hidden_dim,
+            kernel_size=patch,
+            strides=patch,
+            padding="valid",
+            kernel_initializer="lecun_normal",
+            dtype=dtype,
+            name="stem",
+        )(x)
+        x = layers.Reshape((num_tokens, hidden_dim), dtype=dtype, name="tokens")(x)
+        for i in range(num_blocks):
+            # Linear in depth, 0 at the first block and the full rate at the
+            # last, as in the paper (and timm's `drop_path_rate`).
+            block_rate = stochastic_depth_rate * i / max(num_blocks - 1, 1)
+            x = MixerBlock(
+                tokens_mlp_dim,
+                channels_mlp_dim,
+                dropout_rate=dropout_rate,
+                stochastic_depth_rate=block_rate,
+                layer_norm_epsilon=layer_norm_epsilon,
+                gelu_approximate=gelu_approximate,
+                seed=None if seed is None else seed + 2 * i,
+                dtype=dtype,
+                name=f"block_{i}",
+            )(x)
+        x = layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=dtype, name="pre_head_layer_norm"
+        )(x)
+        x = layers.GlobalAveragePooling1D(dtype=dtype, name="pre_logits")(x)
+        if num_classes is not None:
+            # The official code initialises the head kernel to zero.
+            x = layers.Dense(
+                num_classes, kernel_initializer="zeros", dtype=dtype, name="head"
+            )(x)
+        super().__init__(inputs=inputs, outputs=x, name=name, **kwargs)
+        # Input checks happen in `call`, with messages that say how to fix
+        # the input, instead of Keras' generic spec mismatch.
+        self.input_spec = None
+
+        # === Config ===
+        self.image_shape = image_shape
+        self.patch_size = patch
+        self.num_blocks = num_blocks
+        self.hidden_dim = hidden_dim
+        self.tokens_mlp_dim = tokens_mlp_dim
+        self.channels_mlp_dim = channels_mlp_dim
+        self.num_classes = num_classes
+        self.dropout_rate = float(dropout_rate)
+        self.stochastic_depth_rate = float(stochastic_depth_rate)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.gelu_approximate = bool(gelu_approximate)
+        self.include_preprocessing = bool(include_preprocessing)
+        self.seed = seed
+        self.num_tokens = num_tokens
+
+    def call(self, inputs, training=None, mask=None):
+        self._check_inputs(inputs)
+        return super().call(inputs, training=training, mask=mask)
+
+    def _check_inputs(self, inputs):
+        shape = tuple(getattr(inputs, "shape", ()))
+        height, width, channels = self.image_shape
+        expected = f"(batch, {height}, {width}, {channels})"
+        if len(shape) != 4:
+            hint = (
+                " Add a batch dimension, e.g. `image[None]`."
+                if len(shape) == 3
+                else ""
+            )
+            raise ValueError(
+                f"{self.name} expects a batch of images of shape {expected}, "
+                f"got an input of rank {len(shape)} with shape {shape}.{hint}"
+            )
+        if shape[3] is not None and shape[3] != channels:
+            raise ValueError(
+                f"{self.name} expects images with {channels} channels "
+                f"{expected}, got {shape[3]} channels (shape {shape}). Convert "
+                f"the images (e.g. grayscale to RGB), or build the model with "
+                f"image_shape=({height}, {width}, {shape[3]})."
+            )
+        if (shape[1], shape[2]) != (height, width) and None not in shape[1:3]:
+            raise ValueError(
+                f"{self.name} was built for {height}x{width} images {expected}, "
+                f"got {shape[1]}x{shape[2]} (shape {shape}). Resize or crop the "
+                f"images to {height}x{width}, or build the model with "
+                f"image_shape=({shape[1]}, {shape[2]}, {channels})."
+            )
+
+    @classmethod
+    def from_variant(cls, name, image_shape=(224, 224, 3), num_classes=1000, **overrides):
+        """Builds one of the paper's variants, e.g. `MLPMixer.from_variant("B/16")`.
+
+        Args:
+            name: str, one of "S/32", "S/16", "B/32", "B/16", "L/32",
+                "L/16", "H/14".
+            image_shape: tuple (height, width, channels).
+            num_classes: int or None (pre-logits features).
+            **overrides: any other `MLPMixer` argument, e.g.
+                `stochastic_depth_rate=0.1` or `patch_size=8`.
+
+        Example:
+        >>> model = MLPMixer.from_variant("S/32", num_classes=None)
+        >>> model.output_shape
+        (None, 512)
+        """
+        config = variant_config(name)
+        unknown = set(overrides) - set(cls._config_keys())
+        if unknown:
+            raise ValueError(
+                f"Unknown MLPMixer argument(s) {sorted(unknown)}. Valid: "
+                f"{', '.join(cls._config_keys())}."
+            )
+        config.update(overrides)
+        return cls(image_shape=image_shape, num_classes=num_classes, **config)
+
+    @staticmethod
+    def _config_keys():
+        return (
+            "image_shape", "patch_size", "num_blocks", "hidden_dim",
+            "tokens_mlp_dim", "channels_mlp_dim", "num_classes", "dropout_rate",
+            "stochastic_depth_rate", "layer_norm_epsilon", "gelu_approximate",
+            "include_preprocessing", "seed", "dtype", "name",
+        )
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
+            "image_shape": self.image_shape,
+            "patch_size": self.patch_size,
+            "num_blocks": self.num_blocks,
+            "hidden_dim": self.hidden_dim,
+            "tokens_mlp_dim": self.tokens_mlp_dim,
+            "channels_mlp_dim": self.channels_mlp_dim,
+            "num_classes": self.num_classes,
+            "dropout_rate": self.dropout_rate,
+            "stochastic_depth_rate": self.stochastic_depth_rate,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "gelu_approximate": self.gelu_approximate,
+            "include_preprocessing": self.include_preprocessing,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

@@ -1,0 +1,214 @@
+import numpy as np
+import pytest
+import keras
+
+from keras_mixer import MixerBlock
+from keras_mixer import MLPMixer
+from keras_mixer import VARIANTS
+from keras_mixer import load_official_params
+from base import check_model
+from base import to_numpy
+
+
+def tiny(**kwargs):
+    config = dict(
+        image_shape=(16, 16, 3), patch_size=4, num_blocks=2, hidden_dim=16,
+        tokens_mlp_dim=8, channels_mlp_dim=32, num_classes=5,
+    )
+    config.update(kwargs)
+    return MLPMixer(**config)
+
+
+def fixture_model(config, **kwargs):
+    return MLPMixer(
+        image_shape=(*config["image"], 3),
+        patch_size=tuple(config["patch"]),
+        num_blocks=config["num_blocks"],
+        hidden_dim=config["hidden_dim"],
+        tokens_mlp_dim=config["tokens_mlp_dim"],
+        channels_mlp_dim=config["channels_mlp_dim"],
+        include_preprocessing=False,
+        **kwargs,
+    )
+
+
+def fixture_params(arrays):
+    return {k: v for k, v in arrays.items() if k.startswith("params/")}
+
+
+# --- Fidelity to the official Flax model -------------------------------------
+
+
+def test_matches_official_flax_logits_and_pre_logits(official_fixture):
+    config, arrays = official_fixture
+    model = fixture_model(config, num_classes=config["num_classes"])
+    load_official_params(model, fixture_params(arrays))
+    logits = to_numpy(model(arrays["inputs"]))
+    assert np.abs(logits - arrays["logits"]).max() <= 1e-6
+
+    features = fixture_model(config, num_classes=None)
+    load_official_params(features, fixture_params(arrays))
+    pre_logits = to_numpy(features(arrays["inputs"]))
+    assert np.abs(pre_logits - arrays["pre_logits"]).max() <= 1e-6
+
+
+def test_exact_gelu_is_distinguishable_from_official(official_fixture):
+    config, arrays = official_fixture
+    model = fixture_model(config, num_classes=config["num_classes"], gelu_approximate=False)
+    load_official_params(model, fixture_params(arrays))
+    logits = to_numpy(model(arrays["inputs"]))
+    assert np.abs(logits - arrays["logits"]).max() > 1e-5
+
+
+def test_preprocessing_maps_pixels_to_official_range(official_fixture):
+    config, arrays = official_fixture
+    raw = fixture_model(config, num_classes=config["num_classes"])
+    config_kwargs = {k: v for k, v in raw.get_config().items() if k != "name"}
+    config_kwargs["include_preprocessing"] = True
+    pixels_model = MLPMixer(**config_kwargs)
+    load_official_params(raw, fixture_params(arrays))
+    load_official_params(pixels_model, fixture_params(arrays))
+    pixels = (arrays["inputs"].clip(-1, 1) + 1.0) * 127.5
+    np.testing.assert_allclose(
+        to_numpy(pixels_model(pixels)),
+        to_numpy(raw((pixels / 127.5 - 1.0).astype("float32"))),
+        atol=1e-6,
+    )
+
+
+# --- Variants and parameter counts -------------------------------------------
+
+HEADLESS_COUNTS = {
+    "S/32": 18_591_624, "S/16": 18_015_264, "B/32": 59_524_428, "B/16": 59_111_472,
+    "L/32": 205_914_264, "L/16": 207_171_168, "H/14": 431_069_952,
+}
+HEAD_COUNTS = {"B/16": 59_880_472, "B/32": 60_293_428, "L/16": 208_196_168}
+
+
+@pytest.mark.parametrize("name", ["S/32", "S/16", "B/32", "B/16"])
+def test_parameter_counts_headless(name):
+    model = MLPMixer.from_variant(name, num_classes=None)
+    assert model.count_params() == HEADLESS_COUNTS[name]
+
+
+@pytest.mark.parametrize("name", ["B/32", "B/16"])
+def test_parameter_counts_with_head(name):
+    assert MLPMixer.from_variant(name).count_params() == HEAD_COUNTS[name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, classes", [("L/32", None), ("L/16", None), ("L/16", 1000), ("H/14", None)])
+def test_parameter_counts_large(name, classes):
+    model = MLPMixer.from_variant(name, num_classes=classes)
+    expected = HEADLESS_COUNTS[name] if classes is None else HEAD_COUNTS[name]
+    assert model.count_params() == expected
+
+
+def test_variant_table_has_the_papers_seven():
+    assert VARIANTS == ("S/32", "S/16", "B/32", "B/16", "L/32", "L/16", "H/14")
+    model = MLPMixer.from_variant("S/32", image_shape=(64, 64, 3), num_classes=3, stochastic_depth_rate=0.1)
+    assert (model.num_blocks, model.hidden_dim, model.tokens_mlp_dim, model.channels_mlp_dim) == (8, 512, 256, 2048)
+    assert model.patch_size == (32, 32) and model.num_tokens == 4
+    assert model.output_shape == (None, 3)
+
+
+def test_unknown_variant_lists_valid_names():
+    with pytest.raises(ValueError) as info:
+        MLPMixer.from_variant("B/8")
+    message = str(info.value)
+    assert "'B/8'" in message
+    for name in VARIANTS:
+        assert name in message
+
+
+def test_unknown_override_is_an_error():
+    with pytest.raises(ValueError, match="Unknown MLPMixer argument.*hiden_dim"):
+        MLPMixer.from_variant("S/32", hiden_dim=8)
+
+
+# --- Architecture details ----------------------------------------------------
+
+
+def test_official_initialisation():
+    model = tiny()
+    head = model.get_layer("head")
+    assert not np.any(to_numpy(head.kernel)) and not np.any(to_numpy(head.bias))
+    for layer in (model.get_layer("stem"), model.get_layer("block_0").channel_mixing.dense_0):
+        kernel = to_numpy(layer.kernel)
+        fan_in = int(np.prod(kernel.shape[:-1]))
+        assert not np.any(to_numpy(layer.bias))
+        # LeCun normal: std sqrt(1 / fan_in), truncated at 2 std.
+        assert abs(kernel.std() - np.sqrt(1 / fan_in)) < 0.25 * np.sqrt(1 / fan_in)
+        assert np.abs(kernel).max() <= 2 * np.sqrt(1 / fan_in) / 0.87962566 + 1e-6
+
+
+def test_stable_sublayer_names():
+    names = [layer.name for layer in tiny().layers]
+    assert names == [
+        "images", "rescaling", "stem", "tokens", "block_0", "block_1",
+        "pre_head_layer_norm", "pre_logits", "head",
+    ]
+    block = tiny().get_layer("block_0")
+    assert [block.token_norm.name, block.token_mixing.name, block.channel_norm.name, block.channel_mixing.name] == [
+        "LayerNorm_0", "token_mixing", "LayerNorm_1", "channel_mixing",
+    ]
+
+
+def test_stochastic_depth_grows_linearly_with_depth():
+    model = tiny(num_blocks=5, stochastic_depth_rate=0.2)
+    rates = [model.get_layer(f"block_{i}").stochastic_depth_rate for i in range(5)]
+    np.testing.assert_allclose(rates, [0.0, 0.05, 0.1, 0.15, 0.2])
+
+
+def test_non_square_images_and_patches():
+    model = tiny(image_shape=(12, 32, 3), patch_size=(3, 8), num_classes=None)
+    assert model.num_tokens == 16
+    assert tuple(model(np.zeros((2, 12, 32, 3), "float32")).shape) == (2, 16)
+
+
+def test_model_round_trips_fits_and_saves(tmp_path):
+    x = np.random.RandomState(0).uniform(0, 255, (8, 16, 16, 3)).astype("float32")
+    y = np.arange(8) % 5
+    model = tiny(stochastic_depth_rate=0.1, dropout_rate=0.1, seed=1, gelu_approximate=False)
+    reloaded = check_model(model, x, y, tmp_path)
+    assert isinstance(reloaded.get_layer("block_1"), MixerBlock)
+
+
+# --- Bad input ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"image_shape": (30, 32, 3)}, r"Image height 30 is not divisible by the patch height 4.*multiple of 4 \(e\.g\. 28 or 32\)"),
+        ({"image_shape": (32, 30, 3)}, r"Image width 30 is not divisible by the patch width 4"),
+        ({"image_shape": (32, 32)}, r"`image_shape` must be \(height, width, channels\)"),
+        ({"image_shape": (0, 32, 3)}, r"`image_shape` must be a positive integer"),
+        ({"patch_size": 0}, r"`patch_size` must be a positive integer"),
+        ({"patch_size": (4, 4, 4)}, r"`patch_size` must be an int or a pair"),
+        ({"num_blocks": 0}, r"`num_blocks` must be a positive integer"),
+        ({"hidden_dim": -3}, r"`hidden_dim` must be a positive integer"),
+        ({"num_classes": 0}, r"`num_classes` must be a positive integer"),
+        ({"dropout_rate": 1.0}, r"`dropout_rate` must be in \[0, 1\)"),
+        ({"stochastic_depth_rate": -0.5}, r"`stochastic_depth_rate` must be in \[0, 1\)"),
+    ],
+)
+def test_bad_arguments_name_problem_and_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ((16, 16, 3), r"expects a batch of images of shape \(batch, 16, 16, 3\).*rank 3.*Add a batch dimension"),
+        ((2, 16, 16, 1), r"expects images with 3 channels.*got 1 channels.*image_shape=\(16, 16, 1\)"),
+        ((2, 32, 32, 3), r"built for 16x16 images.*got 32x32.*Resize or crop"),
+    ],
+)
+def test_wrong_input_shapes_name_problem_and_fix(shape, message):
+    model = tiny()
+    with pytest.raises(ValueError, match=message):
+        model(np.zeros(shape, "float32"))
+    with pytest.raises(ValueError, match=message):
+        model.predict(np.zeros(shape, "float32"), verbose=0)
