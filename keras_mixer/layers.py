@@ -150,11 +150,17 @@ class MLPBlock(layers.Layer):
         self.built = True
 
     def call(self, inputs, training=None):
+        # Rate-0 dropout is skipped, not called: on the eager PyTorch
+        # backend every layer call costs Python overhead.
+        use_dropout = self.dropout_rate > 0
         x = self.dense_0(inputs)
         x = ops.gelu(x, approximate=self.gelu_approximate)
-        x = self.dropout(x, training=training)
+        if use_dropout:
+            x = self.dropout(x, training=training)
         x = self.dense_1(x)
-        return self.dropout(x, training=training)
+        if use_dropout:
+            x = self.dropout(x, training=training)
+        return x
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -277,10 +283,16 @@ class MixerBlock(layers.Layer):
         x = ops.transpose(x, (0, 2, 1))
         x = self.token_mixing(x, training=training)
         x = ops.transpose(x, (0, 2, 1))
-        x = inputs + self.token_drop(x, training=training)
+        # Rate-0 stochastic depth (always the first block) is skipped, not
+        # called, to save the layer-call overhead of eager backends.
+        if self.stochastic_depth_rate > 0:
+            x = self.token_drop(x, training=training)
+        x = inputs + x
         y = self.channel_norm(x)
         y = self.channel_mixing(y, training=training)
-        return x + self.channel_drop(y, training=training)
+        if self.stochastic_depth_rate > 0:
+            y = self.channel_drop(y, training=training)
+        return x + y
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -68,6 +68,13 @@ def _check_config(config):
             raise ValueError(f"`{key}` must be a positive integer, got {value!r}.")
 
 
+def _jit_compile():
+    # Keras' "auto" turns XLA off for TensorFlow on CPU-only machines, but
+    # with XLA a digits step took 17 ms instead of 26 on 2 CPU cores. On
+    # PyTorch True would mean torch.compile, which was slower there.
+    return True if keras.backend.backend() == "tensorflow" else "auto"
+
+
 def _save_atomically(model, path):
     # Write next to the target, then rename: a crash mid-write leaves the
     # previous file intact.
@@ -126,6 +133,7 @@ def train(config, workdir, verbose="auto"):
             from_logits=True, label_smoothing=config["label_smoothing"]
         ),
         metrics=["accuracy"],
+        jit_compile=_jit_compile(),
     )
     start = time.perf_counter()
     model.fit(

@@ -48,6 +48,28 @@ def test_digits_pipeline_batches_shifts_and_is_deterministic():
     assert not np.array_equal(images.numpy(), other.numpy())
 
 
+@pytest.mark.parametrize("shift", [0, 1])
+def test_digits_pipeline_shifts_by_at_most_shift_pixels(shift):
+    (x_train, y_train), _ = load_digits()
+    padded = np.pad(x_train, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    allowed = [(dy, dx) for dy in range(1 - shift, 2 + shift) for dx in range(1 - shift, 2 + shift)]
+    candidates = {
+        (dy, dx): padded[:, dy:dy + 8, dx:dx + 8].reshape(len(x_train), -1) for dy, dx in allowed
+    }
+    train, _, _ = digits_datasets(64, seed=0, shift_pixels=shift)
+    images, labels = next(iter(train))
+    used = set()
+    for image, label in zip(images.numpy().reshape(64, -1), labels.numpy().argmax(1)):
+        matches = [
+            key for key, flat in candidates.items()
+            if np.any(np.all(flat[y_train == label] == image, axis=1))
+        ]
+        assert matches, "an image that is no allowed shift of a training image of its class"
+        used.update(matches)
+    if shift:
+        assert len(used) > 1  # shifts do happen
+
+
 def test_weight_decay_applies_to_kernels_only():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.LayerNormalization()])
     optimizer = training.make_optimizer(1.0, total_steps=10, warmup_steps=0, weight_decay=0.5, grad_clip_norm=1.0)

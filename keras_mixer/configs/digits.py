@@ -1,13 +1,14 @@
 """A small Mixer on scikit-learn's embedded digits (8x8 grey, 10 classes).
 
 Run: `python train.py` (this is the default config), on any backend
-(`KERAS_BACKEND=jax|tensorflow|torch`). On 2 CPU cores it reaches about
-98.5% test accuracy (360 held-out images) in 1 to 2 minutes; the README
-records measured figures per backend.
+(`KERAS_BACKEND=jax|tensorflow|torch`). On 2 CPU cores it reached 98.3% to
+99.2% test accuracy (360 held-out images) in 1.5 to 2.5 minutes depending on
+the backend; the README records the measured figures.
 
-Patch 2 gives 16 tokens of 4 pixels. Random shifts of up to one pixel and
-label smoothing stand in for the paper's heavier regularisation, which a
-1,437-image training set does not need.
+Patch 2 gives 16 tokens of 4 pixels. Random shifts of up to one pixel,
+label smoothing and a strong weight decay stand in for the paper's heavier
+regularisation. In a small sweep (seeds 0 and 1), 60 epochs beat 40, weight
+decay 0.2 beat 0.05, and stochastic depth 0.1 or dropout 0.1 hurt.
 """
 
 
@@ -23,11 +24,11 @@ def get_config():
             dropout_rate=0.0,
             stochastic_depth_rate=0.0,
         ),
-        epochs=40,
+        epochs=60,
         batch_size=32,
         learning_rate=3e-3,
         warmup_fraction=0.1,
-        weight_decay=0.05,
+        weight_decay=0.2,
         grad_clip_norm=1.0,
         label_smoothing=0.1,
         shift_pixels=1,

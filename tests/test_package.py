@@ -1,0 +1,38 @@
+import ast
+import sys
+
+import keras_mixer
+from conftest import ROOT
+
+STDLIB = set(sys.stdlib_module_names)
+
+
+def imported_roots(path):
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module)
+    return names
+
+
+def test_layers_and_model_import_only_keras_numpy_and_stdlib():
+    """The dependency direction of STYLE.md: the model never imports data code."""
+    allowed = {"keras", "numpy", "keras_mixer.layers"}
+    for module in ("layers.py", "model.py", "weights.py"):
+        for name in imported_roots(ROOT / "keras_mixer" / module):
+            root = name.split(".")[0]
+            assert root in STDLIB or root in {"keras", "numpy"} or name in allowed, (module, name)
+
+
+def test_data_never_imports_the_model():
+    for name in imported_roots(ROOT / "keras_mixer" / "data.py"):
+        assert not name.startswith("keras_mixer"), name
+
+
+def test_public_api():
+    for name in ("MLPMixer", "MixerBlock", "MLPBlock", "StochasticDepth",
+                 "VARIANTS", "variant_config", "load_official_params"):
+        assert hasattr(keras_mixer, name), name
