@@ -31,7 +31,7 @@ for report in sorted(pathlib.Path(sys.argv[1]).glob("*.xml")):
         totals[k] += counts[k]
 failed = totals["failures"] + totals["errors"]
 passed = totals["tests"] - failed - totals["skipped"]
-print(f"all backends: {passed} passed, {failed} failed, {totals['skipped']} skipped")
+print(f"total: {passed} passed, {failed} failed, {totals['skipped']} skipped")
 PY
 rm -rf "$reports"
 exit $status
