@@ -7,5 +7,6 @@ from keras_mixer.model import MLPMixer
 from keras_mixer.model import VARIANTS
 from keras_mixer.model import variant_config
 from keras_mixer.weights import load_official_params
+from keras_mixer.weights import load_timm
 
 __version__ = "0.1.0"

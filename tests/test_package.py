@@ -24,7 +24,17 @@ def test_layers_and_model_import_only_keras_numpy_and_stdlib():
     for module in ("layers.py", "model.py", "weights.py"):
         for name in imported_roots(ROOT / "keras_mixer" / module):
             root = name.split(".")[0]
+            if module == "weights.py" and name in {"safetensors.numpy", "torch"}:
+                continue  # Optional file readers, imported where they are used.
             assert root in STDLIB or root in {"keras", "numpy"} or name in allowed, (module, name)
+
+
+def test_optional_readers_are_imported_lazily():
+    tree = ast.parse((ROOT / "keras_mixer" / "weights.py").read_text())
+    top_level = {
+        alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names
+    } | {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+    assert not top_level & {"torch", "safetensors.numpy"}
 
 
 def test_data_never_imports_the_model():
@@ -34,5 +44,5 @@ def test_data_never_imports_the_model():
 
 def test_public_api():
     for name in ("MLPMixer", "MixerBlock", "MLPBlock", "StochasticDepth",
-                 "VARIANTS", "variant_config", "load_official_params"):
+                 "VARIANTS", "variant_config", "load_official_params", "load_timm"):
         assert hasattr(keras_mixer, name), name

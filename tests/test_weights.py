@@ -8,8 +8,10 @@ import keras
 
 from keras_mixer import MLPMixer
 from keras_mixer import load_official_params
+from keras_mixer.weights import load_timm
 from keras_mixer.weights import official_variables
 from base import to_numpy
+from conftest import load_fixture
 from conftest import subprocess_env
 from test_model import fixture_model
 from test_model import fixture_params
@@ -84,3 +86,71 @@ def test_weights_file_gives_same_logits_on_other_backend(official_fixture, tmp_p
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert float(result.stdout.strip().splitlines()[-1]) <= 1e-5
+
+
+# --- timm --------------------------------------------------------------------
+
+
+def timm_model(config, **kwargs):
+    return MLPMixer(
+        image_shape=(*config["image"], 3), patch_size=config["patch"],
+        num_blocks=config["num_blocks"], hidden_dim=config["hidden_dim"],
+        tokens_mlp_dim=config["tokens_mlp_dim"], channels_mlp_dim=config["channels_mlp_dim"],
+        include_preprocessing=False, **kwargs,
+    )
+
+
+def timm_state_dict(arrays):
+    return {k: v for k, v in arrays.items() if k.startswith("state_dict/")}
+
+
+def test_load_timm_matches_timm_logits_and_pre_logits():
+    config, arrays = load_fixture("timm_mixer_tiny.npz")
+    model = timm_model(config, num_classes=config["num_classes"], gelu_approximate=False)
+    load_timm(model, timm_state_dict(arrays))
+    assert np.abs(to_numpy(model(arrays["inputs"])) - arrays["logits"]).max() <= 1e-6
+    features = timm_model(config, num_classes=None, gelu_approximate=False)
+    load_timm(features, timm_state_dict(arrays))
+    assert np.abs(to_numpy(features(arrays["inputs"])) - arrays["pre_logits"]).max() <= 1e-6
+
+
+def test_load_timm_refuses_tanh_gelu_model():
+    config, arrays = load_fixture("timm_mixer_tiny.npz")
+    model = timm_model(config, num_classes=config["num_classes"])
+    with pytest.raises(ValueError, match="exact.*GELU.*gelu_approximate=False"):
+        load_timm(model, timm_state_dict(arrays))
+
+
+def test_load_timm_reads_pth_files_safely(tmp_path):
+    torch = pytest.importorskip("torch")
+    config, arrays = load_fixture("timm_mixer_tiny.npz")
+    state = {k[len("state_dict/"):]: torch.from_numpy(v) for k, v in timm_state_dict(arrays).items()}
+    torch.save(state, tmp_path / "mixer.pth")
+    model = timm_model(config, num_classes=config["num_classes"], gelu_approximate=False)
+    load_timm(model, tmp_path / "mixer.pth")
+    assert np.abs(to_numpy(model(arrays["inputs"])) - arrays["logits"]).max() <= 1e-6
+
+
+def test_load_timm_reports_foreign_keys_and_unknown_formats(tmp_path):
+    config, arrays = load_fixture("timm_mixer_tiny.npz")
+    model = timm_model(config, num_classes=config["num_classes"], gelu_approximate=False)
+    state = {k[len("state_dict/"):]: v for k, v in timm_state_dict(arrays).items()}
+    state["blocks.0.gamma"] = np.ones(48, "float32")
+    del state["blocks.2.norm2.bias"]
+    with pytest.raises(ValueError) as info:
+        load_timm(model, state)
+    assert "unexpected keys:\n  blocks.0.gamma" in str(info.value)
+    assert "missing keys:\n  MixerBlock_2/LayerNorm_1/bias" in str(info.value)
+    with pytest.raises(ValueError, match=r"Unknown timm weights format.*\.safetensors.*\.pth"):
+        load_timm(model, tmp_path / "mixer.ckpt")
+
+
+def test_load_timm_reads_safetensors(tmp_path):
+    from safetensors.numpy import save_file
+
+    config, arrays = load_fixture("timm_mixer_tiny.npz")
+    save_file({k[len("state_dict/"):]: v for k, v in timm_state_dict(arrays).items()},
+              str(tmp_path / "mixer.safetensors"))
+    model = timm_model(config, num_classes=config["num_classes"], gelu_approximate=False)
+    load_timm(model, tmp_path / "mixer.safetensors")
+    assert np.abs(to_numpy(model(arrays["inputs"])) - arrays["logits"]).max() <= 1e-6
