@@ -1,10 +1,12 @@
-"""Pretrained parameters: the official checkpoint layout mapped onto `MLPMixer`.
+"""Pretrained parameters: official checkpoints and timm weights onto `MLPMixer`.
 
 The official checkpoints (`gs://mixer_models/...`, written by
 `vit_jax/models_mixer.py`) are flat mappings such as
 `MixerBlock_0/token_mixing/Dense_0/kernel`. Their array layouts equal Keras'
 (`Dense` kernels are (in, out), the stem kernel is (kh, kw, in, out)), so
-loading is a renaming with strict key and shape checks.
+loading is a renaming with strict key and shape checks. timm state_dicts are
+first converted to that layout (`timm_to_official`), so both go through the
+same strict check.
 """
 
 import re
