@@ -34,7 +34,7 @@ def main():
         for num_classes, output in ((config["num_classes"], "logits"), (None, "pre_logits")):
             model = MLPMixer(
                 image_shape=(*config["image"], 3),
-                patch_size=config["patch"] if isinstance(config["patch"], int) else tuple(config["patch"]),
+                patch_size=config["patch"],
                 num_blocks=config["num_blocks"],
                 hidden_dim=config["hidden_dim"],
                 tokens_mlp_dim=config["tokens_mlp_dim"],

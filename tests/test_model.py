@@ -20,9 +20,10 @@ def tiny(**kwargs):
 
 
 def fixture_model(config, **kwargs):
+    """The model of a fixture's config (official: patch [4, 4]; timm: patch 4)."""
     return MLPMixer(
         image_shape=(*config["image"], 3),
-        patch_size=tuple(config["patch"]),
+        patch_size=config["patch"],
         num_blocks=config["num_blocks"],
         hidden_dim=config["hidden_dim"],
         tokens_mlp_dim=config["tokens_mlp_dim"],

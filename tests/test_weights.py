@@ -91,32 +91,23 @@ def test_weights_file_gives_same_logits_on_other_backend(official_fixture, tmp_p
 # --- timm --------------------------------------------------------------------
 
 
-def timm_model(config, **kwargs):
-    return MLPMixer(
-        image_shape=(*config["image"], 3), patch_size=config["patch"],
-        num_blocks=config["num_blocks"], hidden_dim=config["hidden_dim"],
-        tokens_mlp_dim=config["tokens_mlp_dim"], channels_mlp_dim=config["channels_mlp_dim"],
-        include_preprocessing=False, **kwargs,
-    )
-
-
 def timm_state_dict(arrays):
     return {k: v for k, v in arrays.items() if k.startswith("state_dict/")}
 
 
 def test_load_timm_matches_timm_logits_and_pre_logits():
     config, arrays = load_fixture("timm_mixer_tiny.npz")
-    model = timm_model(config, num_classes=config["num_classes"], gelu_approximate=False)
+    model = fixture_model(config, num_classes=config["num_classes"], gelu_approximate=False)
     load_timm(model, timm_state_dict(arrays))
     assert np.abs(to_numpy(model(arrays["inputs"])) - arrays["logits"]).max() <= 1e-6
-    features = timm_model(config, num_classes=None, gelu_approximate=False)
+    features = fixture_model(config, num_classes=None, gelu_approximate=False)
     load_timm(features, timm_state_dict(arrays))
     assert np.abs(to_numpy(features(arrays["inputs"])) - arrays["pre_logits"]).max() <= 1e-6
 
 
 def test_load_timm_refuses_tanh_gelu_model():
     config, arrays = load_fixture("timm_mixer_tiny.npz")
-    model = timm_model(config, num_classes=config["num_classes"])
+    model = fixture_model(config, num_classes=config["num_classes"])
     with pytest.raises(ValueError, match="exact.*GELU.*gelu_approximate=False"):
         load_timm(model, timm_state_dict(arrays))
 
@@ -126,14 +117,14 @@ def test_load_timm_reads_pth_files_safely(tmp_path):
     config, arrays = load_fixture("timm_mixer_tiny.npz")
     state = {k[len("state_dict/"):]: torch.from_numpy(v) for k, v in timm_state_dict(arrays).items()}
     torch.save(state, tmp_path / "mixer.pth")
-    model = timm_model(config, num_classes=config["num_classes"], gelu_approximate=False)
+    model = fixture_model(config, num_classes=config["num_classes"], gelu_approximate=False)
     load_timm(model, tmp_path / "mixer.pth")
     assert np.abs(to_numpy(model(arrays["inputs"])) - arrays["logits"]).max() <= 1e-6
 
 
 def test_load_timm_reports_foreign_keys_and_unknown_formats(tmp_path):
     config, arrays = load_fixture("timm_mixer_tiny.npz")
-    model = timm_model(config, num_classes=config["num_classes"], gelu_approximate=False)
+    model = fixture_model(config, num_classes=config["num_classes"], gelu_approximate=False)
     state = {k[len("state_dict/"):]: v for k, v in timm_state_dict(arrays).items()}
     state["blocks.0.gamma"] = np.ones(48, "float32")
     del state["blocks.2.norm2.bias"]
@@ -151,6 +142,6 @@ def test_load_timm_reads_safetensors(tmp_path):
     config, arrays = load_fixture("timm_mixer_tiny.npz")
     save_file({k[len("state_dict/"):]: v for k, v in timm_state_dict(arrays).items()},
               str(tmp_path / "mixer.safetensors"))
-    model = timm_model(config, num_classes=config["num_classes"], gelu_approximate=False)
+    model = fixture_model(config, num_classes=config["num_classes"], gelu_approximate=False)
     load_timm(model, tmp_path / "mixer.safetensors")
     assert np.abs(to_numpy(model(arrays["inputs"])) - arrays["logits"]).max() <= 1e-6
