@@ -46,3 +46,31 @@ def subprocess_env(backend):
     )
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return env
+
+
+def write_image_folder(root, classes=("cat", "dog"), per_class=3, corrupt=True):
+    """Writes root/<class>/img<i>.{png,jpg} of mixed sizes; returns the paths.
+
+    Each class's images are filled with one grey level (class index * 100
+    + 20), so labels can be read back from pixels. With `corrupt`, adds a
+    `.jpg` that holds text, not an image.
+    """
+    import tensorflow as tf
+
+    root = pathlib.Path(root)
+    paths = []
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            height, width = 20 + 7 * i, 28 + 5 * i
+            image = np.full((height, width, 3), 20 + 100 * label, np.uint8)
+            if i % 2:
+                encoded, suffix = tf.io.encode_jpeg(image, quality=100), ".jpg"
+            else:
+                encoded, suffix = tf.io.encode_png(image), ".png"
+            path = root / name / f"img{i}{suffix}"
+            path.write_bytes(encoded.numpy())
+            paths.append(path)
+    if corrupt:
+        (root / classes[0] / "broken.jpg").write_text("not an image")
+    return paths
