@@ -1,7 +1,14 @@
-"""Train an MLP-Mixer with `model.fit`.
+"""Train or evaluate an MLP-Mixer with `model.fit`.
 
     python train.py                      # the digits config: no download needed
     KERAS_BACKEND=torch python train.py  # the same on PyTorch (or jax, tensorflow)
+    python train.py --config cifar10_finetune --set data_dir=/data/tfds
+    python train.py --config my_config.py --set learning_rate=3e-4 model.dropout_rate=0.1
+    python train.py --eval_only --checkpoint runs/x/model.keras --config digits
+
+Running the same command with the same --workdir again resumes the run at
+the exact step of its last checkpoint (written every `checkpoint_every`
+steps, every epoch, and on SIGTERM).
 
 The backend is chosen the Keras way, by the KERAS_BACKEND environment
 variable (default: tensorflow, or what ~/.keras/keras.json says).
@@ -10,37 +17,53 @@ variable (default: tensorflow, or what ~/.keras/keras.json says).
 import argparse
 import datetime
 import os
+import pathlib
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Keep TF's start-up chatter out.
 
 
 def parse_args(argv):
-    from keras_mixer import configs
-
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--config", default="digits", choices=configs.available(),
-        help="experiment config in keras_mixer/configs/ (default: %(default)s)",
+        "--config", default="digits",
+        help="a config name in keras_mixer/configs/ (digits, cifar10_finetune, "
+        "imagenet1k_pretrain, ...) or the path of a .py file with get_config() "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--set", nargs="+", default=[], metavar="KEY=VALUE",
+        help="override config values, e.g. --set epochs=3 batch_size=64 "
+        "learning_rate=3e-4 model.dropout_rate=0.1 (values are Python literals; "
+        "an unknown key is an error that lists the valid ones)",
     )
     parser.add_argument(
         "--workdir", default=None,
-        help="directory for config.json, log.csv, model.keras and results.json "
-        "(default: runs/<config>-<date>-<time>)",
+        help="directory of the run: config.json, log.csv, tensorboard/, checkpoints/, "
+        "best.keras, model.keras, results.json (default: runs/<config>-<date>-<time>); "
+        "an existing one is resumed",
     )
-    parser.add_argument("--epochs", type=int, help="override the config's number of epochs")
-    parser.add_argument("--batch_size", type=int, help="override the config's global batch size")
-    parser.add_argument("--learning_rate", type=float, help="override the config's peak learning rate")
-    parser.add_argument("--weight_decay", type=float, help="override the config's AdamW weight decay")
-    parser.add_argument("--seed", type=int, help="override the config's seed (data order, augmentation, init)")
+    parser.add_argument("--epochs", type=int, help="shorthand for --set epochs=N")
+    parser.add_argument("--batch_size", type=int, help="shorthand for --set batch_size=N (global)")
+    parser.add_argument("--learning_rate", type=float, help="shorthand for --set learning_rate=X (peak)")
+    parser.add_argument("--weight_decay", type=float, help="shorthand for --set weight_decay=X")
+    parser.add_argument("--seed", type=int, help="shorthand for --set seed=N (data order, augmentation, init)")
+    parser.add_argument(
+        "--eval_only", action="store_true",
+        help="evaluate --checkpoint (a .keras file) on the config's eval split and exit",
+    )
+    parser.add_argument("--checkpoint", help="the .keras model that --eval_only evaluates")
     parser.add_argument(
         "--verbose", type=int, choices=(0, 1, 2), default=None,
         help="model.fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch "
         "(default: progress bar in a terminal, one line per epoch otherwise)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.eval_only and not args.checkpoint:
+        parser.error("--eval_only needs --checkpoint PATH.keras")
+    return args
 
 
 def main(argv=None):
@@ -51,20 +74,37 @@ def main(argv=None):
     from keras_mixer import training
 
     config = configs.get(args.config)
+    overrides = training.parse_overrides(args.set)
     for key in ("epochs", "batch_size", "learning_rate", "weight_decay", "seed"):
         if getattr(args, key) is not None:
-            config[key] = getattr(args, key)
-    workdir = args.workdir or os.path.join(
-        "runs", f"{args.config}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    )
+            overrides[key] = getattr(args, key)
+    config = training.apply_overrides(config, overrides)
     verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
+    name = pathlib.Path(args.config).stem
+    if args.eval_only:
+        metrics = training.evaluate(config, args.checkpoint, verbose=verbose)
+        print(
+            f"{args.checkpoint}: accuracy {metrics['accuracy']:.4f}, top-5 "
+            f"{metrics['top5']:.4f}, loss {metrics['loss']:.4f} on {keras.backend.backend()}"
+        )
+        return metrics
+    workdir = args.workdir or os.path.join(
+        "runs", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    )
     print(f"keras-mixer: config {args.config}, backend {keras.backend.backend()}, workdir {workdir}")
     results = training.train(config, workdir, verbose=verbose)
-    print(
-        f"test accuracy {results['test_accuracy']:.4f} "
-        f"(loss {results['test_loss']:.4f}) in {results['seconds']:.0f} s "
-        f"on {results['backend']}"
-    )
+    if results["preempted"]:
+        print(
+            f"Stopped by SIGTERM at step {results['steps']}; the state is saved. "
+            "Run the same command to resume."
+        )
+        sys.exit(143)
+    if "test_accuracy" in results:
+        print(
+            f"test accuracy {results['test_accuracy']:.4f} (top-5 {results['test_top5']:.4f}, "
+            f"loss {results['test_loss']:.4f}) after {results['steps']} steps in "
+            f"{results['seconds']:.0f} s on {results['backend']}"
+        )
     print(f"saved {os.path.join(workdir, 'model.keras')} and {os.path.join(workdir, 'log.csv')}")
     return results
 

@@ -193,9 +193,14 @@ class MLPMixer(keras.Model):
         )(x)
         x = layers.GlobalAveragePooling1D(dtype=dtype, name="pre_logits")(x)
         if num_classes is not None:
+            # Under a mixed policy (e.g. "mixed_bfloat16") the head computes
+            # in the variable dtype: float32 logits keep softmax, losses and
+            # top-k metrics exact, as Keras recommends for the last layer.
+            policy = keras.dtype_policies.get(dtype) if dtype else keras.config.dtype_policy()
+            head_dtype = policy.variable_dtype if policy.compute_dtype != policy.variable_dtype else dtype
             # The official code initialises the head kernel to zero.
             x = layers.Dense(
-                num_classes, kernel_initializer="zeros", dtype=dtype, name="head"
+                num_classes, kernel_initializer="zeros", dtype=head_dtype, name="head"
             )(x)
         super().__init__(inputs=inputs, outputs=x, name=name, **kwargs)
         # Input checks happen in `call`, with messages that say how to fix

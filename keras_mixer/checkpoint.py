@@ -1,0 +1,138 @@
+"""Training state on disk: written atomically, verified on load, resumed exactly.
+
+A state file `state-<step>.npz` holds every model variable (weights and
+seed-generator states), every optimizer variable (moments, iteration
+count, EMA averages, gradient accumulators) and a JSON header with the
+global step and the variable paths. It is written to a temporary file,
+flushed to disk and renamed into place, so a crash mid-write leaves the
+previous state intact. On load, files are tried newest first; a file that
+is truncated or damaged (zip CRC, missing arrays, wrong shapes) is
+reported and skipped, and the next older one is used.
+"""
+
+import json
+import logging
+import os
+import pathlib
+import re
+import zipfile
+
+import numpy as np
+from keras import ops
+
+_PATTERN = re.compile(r"^state-(\d{9})\.npz$")
+
+
+def _state_variables(model):
+    # Mid-epoch, Keras' JAX trainer keeps the state outside the variables;
+    # this copies it back (and the next step reads it again).
+    if hasattr(model, "jax_state_sync"):
+        model.jax_state_sync()
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    optimizer_variables = list(optimizer.variables) if optimizer is not None else []
+    return list(model.variables), optimizer_variables
+
+
+def state_path(directory, step):
+    return pathlib.Path(directory) / f"state-{step:09d}.npz"
+
+
+def list_states(directory):
+    """State files of `directory`, newest (highest step) first."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _PATTERN.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def save_state(directory, model, step, keep=2, extra=None):
+    """Writes the model's and its optimizer's state at `step`; keeps the newest `keep`.
+
+    Returns the path written.
+    """
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model_variables, optimizer_variables = _state_variables(model)
+    arrays = {}
+    for prefix, variables in (("model", model_variables), ("optimizer", optimizer_variables)):
+        for i, variable in enumerate(variables):
+            arrays[f"{prefix}/{i:05d}"] = np.asarray(ops.convert_to_numpy(variable.value))
+    header = {
+        "step": int(step),
+        "model": [v.path for v in model_variables],
+        "optimizer": [v.path for v in optimizer_variables],
+        **(extra or {}),
+    }
+    arrays["header"] = np.array(json.dumps(header))
+    path = state_path(directory, step)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for old in list_states(directory)[keep:]:
+        old.unlink()
+    return path
+
+
+def _read(path):
+    with np.load(path, allow_pickle=False) as data:
+        # Reading every array makes zipfile check every CRC.
+        arrays = {key: data[key] for key in data.files}
+    header = json.loads(str(arrays.pop("header")))
+    return header, arrays
+
+
+def _check_matches(header, arrays, model_variables, optimizer_variables, path):
+    for prefix, variables in (("model", model_variables), ("optimizer", optimizer_variables)):
+        saved_paths = header[prefix]
+        if len(saved_paths) != len(variables):
+            raise ValueError(
+                f"{path} holds {len(saved_paths)} {prefix} variables but this run "
+                f"has {len(variables)}: the checkpoint comes from a different "
+                "model or optimizer config. Use a new work directory."
+            )
+        for i, variable in enumerate(variables):
+            array = arrays.get(f"{prefix}/{i:05d}")
+            if array is None:
+                raise ValueError(f"{path} lacks {prefix} variable {saved_paths[i]}.")
+            if tuple(array.shape) != tuple(variable.shape):
+                raise ValueError(
+                    f"{path}: {prefix} variable {saved_paths[i]} has shape "
+                    f"{tuple(array.shape)}, this run's {variable.path} has "
+                    f"{tuple(variable.shape)}: a different config. Use a new work directory."
+                )
+
+
+def restore_latest(directory, model):
+    """Restores the newest readable state of `directory` into `model` and its optimizer.
+
+    Damaged files are logged and skipped. A state that does not fit the
+    model (another config wrote it) is an error, not a skip: resuming the
+    wrong run must not pass silently.
+
+    Returns:
+        The header dict of the state restored (with `step` and `path`), or
+        None when there is none.
+    """
+    model_variables, optimizer_variables = _state_variables(model)
+    for path in list_states(directory):
+        try:
+            header, arrays = _read(path)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            logging.warning(
+                "Checkpoint %s is damaged (%s: %s), probably cut off by a crash "
+                "mid-write; trying the previous one.", path, type(error).__name__, error,
+            )
+            continue
+        _check_matches(header, arrays, model_variables, optimizer_variables, path)
+        for prefix, variables in (("model", model_variables), ("optimizer", optimizer_variables)):
+            for i, variable in enumerate(variables):
+                variable.assign(arrays[f"{prefix}/{i:05d}"])
+        header["path"] = str(path)
+        return header
+    return None
