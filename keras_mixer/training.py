@@ -367,17 +367,15 @@ class Progress(keras.callbacks.Callback):
     Args:
         directory: where `state-<step>.npz` files go.
         start_step: the global step at which this `fit` call starts.
-        steps_per_epoch: steps of a full Keras epoch.
         batch_size: images per step (for images/s).
         every: int, steps between states (0: only at epoch ends).
         keep: int, states kept.
     """
 
-    def __init__(self, directory, start_step, steps_per_epoch, batch_size, every, keep):
+    def __init__(self, directory, start_step, batch_size, every, keep):
         super().__init__()
         self.directory = directory
         self.step = start_step
-        self.steps_per_epoch = steps_per_epoch
         self.batch_size = batch_size
         self.every = every
         self.keep = keep
@@ -697,7 +695,7 @@ def _train(config, workdir, verbose):
         load_init_checkpoint(model, config["init_checkpoint"], config["reset_head"])
 
     progress = Progress(
-        state_dir, start, steps_per_epoch, micro_batch,
+        state_dir, start, micro_batch,
         config["checkpoint_every"] * accum, config["keep_checkpoints"],
     )
     callbacks = [progress]

@@ -88,6 +88,13 @@ def test_weight_decay_applies_to_kernels_only():
             assert changed == (name == "kernel"), (optimizer, w.path)  # head/bias too
 
 
+def test_segments_split_resumed_runs_into_whole_keras_epochs():
+    assert list(training._segments(0, 30, 10)) == [(0, 3, 10, 0)]
+    assert list(training._segments(13, 30, 10)) == [(1, 1, 7, 13), (2, 1, 10, 20)]
+    assert list(training._segments(13, 45, 10)) == [(1, 1, 7, 13), (2, 2, 10, 20), (4, 1, 5, 40)]
+    assert list(training._segments(30, 30, 10)) == []
+
+
 def test_linear_schedule_values_and_serialization():
     schedule = training.WarmupLinearDecay(1e-3, warmup_steps=100, total_steps=1100)
     values = [float(to_numpy(schedule(s))) for s in (0, 50, 100, 600, 1100, 1200)]
@@ -135,7 +142,8 @@ def test_options_mixed_precision_ema_accumulation_sigmoid(tmp_path):
                          loss="sigmoid_xent", label_smoothing=0.0, optimizer="sgd",
                          learning_rate=0.1)
     results = training.train(config, tmp_path, verbose=0)
-    assert results["steps"] == 2 * (1437 // 128)  # updates: 2 per 256 images... per epoch 11
+    # 2 epochs of 11 updates, each averaging 2 micro-batches of 64.
+    assert results["steps"] == 2 * 11
     assert np.isfinite(results["test_loss"])
     assert keras.config.dtype_policy().name == "float32"  # restored
     model = keras.saving.load_model(tmp_path / "model.keras")
