@@ -283,6 +283,34 @@ class MLPMixer(keras.Model):
         config.update(overrides)
         return cls(image_shape=image_shape, num_classes=num_classes, **config)
 
+    @classmethod
+    def from_checkpoint(cls, source, num_classes=None, image_shape=None, **overrides):
+        """Builds the model of an official checkpoint, inferring its variant.
+
+        Args:
+            source: an `.npz` path, a parameter mapping, or a released name
+                such as "imagenet21k/Mixer-B_16" (downloaded once; see
+                `keras_mixer.weights.fetch_official`).
+            num_classes: None or the checkpoint's count keeps its head;
+                another count gives a fresh zero head (logged).
+            image_shape: None (the pretraining size) or K times it per side
+                (integer K): the token-mixing MLPs are adapted as in the
+                paper's Appendix C.
+            **overrides: other `MLPMixer` arguments (e.g.
+                `stochastic_depth_rate=0.1`), or `cache_dir` / `mirror`.
+
+        Example:
+        >>> model = MLPMixer.from_checkpoint(
+        ...     "imagenet21k/Mixer-B_16", num_classes=10, image_shape=(448, 448, 3))
+        """
+        # Imported here: weights.py builds models, so model.py cannot import
+        # it at the top without a cycle.
+        from keras_mixer import weights
+
+        return weights.from_checkpoint(
+            source, num_classes=num_classes, image_shape=image_shape, **overrides
+        )
+
     @staticmethod
     def _config_keys():
         return (

@@ -7,11 +7,35 @@ The official checkpoints (`gs://mixer_models/...`, written by
 loading is a renaming with strict key and shape checks. timm state_dicts are
 first converted to that layout (`timm_to_official`), so both go through the
 same strict check.
+
+Released checkpoints load by name (`load_official(model,
+"imagenet21k/Mixer-B_16")`, `MLPMixer.from_checkpoint(...)`): they are
+downloaded once into a cache. Resolution changes (paper Appendix C) and
+head changes are computed on the flat parameter mapping, and the result is
+loaded into a fresh model through the same strict check.
 """
 
+import logging
+import os
+import pathlib
 import re
+import shutil
+import urllib.error
+import urllib.request
+import zipfile
 
+import keras
 import numpy as np
+
+from keras_mixer.model import MLPMixer
+
+OFFICIAL_URL = "https://storage.googleapis.com/mixer_models"
+# The released files, as "<set>/<file>".
+RELEASED = (
+    "imagenet1k/Mixer-B_16", "imagenet1k/Mixer-L_16",
+    "imagenet21k/Mixer-B_16", "imagenet21k/Mixer-L_16",
+    "sam/Mixer-B_16", "sam/Mixer-B_32",
+)
 
 
 def official_variables(model):
@@ -230,3 +254,342 @@ def load_timm(model, source):
     if not hasattr(source, "items"):
         source = _read_timm_file(source)
     load_official_params(model, timm_to_official(source))
+
+
+# --- Official files: reading, downloading, writing -------------------------------
+
+
+def read_npz(path):
+    """Reads every array of an `.npz` (no pickles), with clear errors for bad files."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint file {str(path)!r} does not exist.")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise ValueError("it holds a single array, not a mapping of parameters")
+            # Reading every array makes zipfile check every CRC.
+            return {key: data[key] for key in data.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as error:
+        raise ValueError(
+            f"{str(path)!r} is not a readable .npz checkpoint ({type(error).__name__}: "
+            f"{error}). It may be truncated or corrupted: delete it and download "
+            "it again, or check that it is an official MLP-Mixer .npz file."
+        ) from None
+
+
+def _cache_dir(cache_dir=None):
+    if cache_dir:
+        return pathlib.Path(cache_dir)
+    if os.environ.get("KERAS_MIXER_CACHE"):
+        return pathlib.Path(os.environ["KERAS_MIXER_CACHE"])
+    return pathlib.Path(keras.config.keras_home()) / "mixer_models"
+
+
+def fetch_official(name, cache_dir=None, mirror=None, timeout=10.0):
+    """Returns the local path of the released checkpoint `name`, downloading it once.
+
+    Args:
+        name: one of `RELEASED`, e.g. "imagenet21k/Mixer-B_16".
+        cache_dir: where files are kept (default: `$KERAS_MIXER_CACHE`, else
+            `~/.keras/mixer_models`), as `<cache_dir>/<set>/<file>.npz`.
+        mirror: a base URL or a local folder holding `<set>/<file>.npz`
+            (default: `$KERAS_MIXER_MIRROR`, else the official bucket).
+        timeout: seconds to wait for the server before giving up.
+    """
+    if name not in RELEASED:
+        raise ValueError(
+            f"Unknown checkpoint name {name!r}. Released: {', '.join(RELEASED)}; "
+            "or pass the path of an .npz file."
+        )
+    target = _cache_dir(cache_dir) / f"{name}.npz"
+    if target.is_file():
+        try:
+            read_npz(target)
+            return target
+        except ValueError as error:
+            logging.warning("Cached %s is damaged (%s); downloading it again.", target, error)
+            target.unlink()
+    mirror = mirror or os.environ.get("KERAS_MIXER_MIRROR") or OFFICIAL_URL
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.download")
+    if os.path.isdir(mirror):
+        source = pathlib.Path(mirror) / f"{name}.npz"
+        if not source.is_file():
+            raise FileNotFoundError(f"The mirror folder {mirror!r} has no {name}.npz.")
+        shutil.copyfile(source, tmp)
+        origin = str(source)
+    else:
+        origin = f"{mirror.rstrip('/')}/{name}.npz"
+        try:
+            with urllib.request.urlopen(origin, timeout=timeout) as response, open(tmp, "wb") as f:
+                expected = response.headers.get("Content-Length")
+                shutil.copyfileobj(response, f)
+                received = f.tell()
+        except (urllib.error.URLError, OSError) as error:
+            tmp.unlink(missing_ok=True)
+            reason = getattr(error, "reason", error)
+            raise ConnectionError(
+                f"Could not download {origin} ({reason}). Without network access, "
+                f"download it elsewhere and put it at {target}, or set "
+                "KERAS_MIXER_MIRROR to a folder or URL that holds "
+                f"{name}.npz."
+            ) from None
+        if expected is not None and int(expected) != received:
+            tmp.unlink(missing_ok=True)
+            raise ValueError(
+                f"The download of {origin} was cut off ({received} of {expected} "
+                "bytes); nothing was cached. Try again."
+            )
+    try:
+        read_npz(tmp)
+    except ValueError as error:
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"{origin} did not give a valid checkpoint; nothing was cached. {error}") from None
+    os.replace(tmp, target)
+    return target
+
+
+def read_official(source, cache_dir=None, mirror=None):
+    """The flat parameter mapping of `source`: a mapping, an `.npz` path or a released name."""
+    if hasattr(source, "items"):
+        params = {str(k): np.asarray(v) for k, v in source.items()}
+    elif str(source) in RELEASED:
+        params = read_npz(fetch_official(str(source), cache_dir, mirror))
+    elif pathlib.Path(source).is_file():
+        params = read_npz(source)
+    else:
+        raise FileNotFoundError(
+            f"{str(source)!r} is neither an existing .npz file nor a released "
+            f"checkpoint name ({', '.join(RELEASED)})."
+        )
+    return _strip_prefix(params, "params/")
+
+
+def load_official(model, source, cache_dir=None, mirror=None):
+    """Loads an official checkpoint (mapping, `.npz` path or released name) into `model`.
+
+    Strict: any missing, unexpected or mis-shaped key is reported at once
+    and the model is left unchanged (see `load_official_params`).
+
+    Example:
+    >>> model = MLPMixer.from_variant("B/16", num_classes=21843)
+    >>> load_official(model, "imagenet21k/Mixer-B_16")
+    """
+    load_official_params(model, read_official(source, cache_dir, mirror))
+
+
+def _numpy_params(model):
+    return {k: np.array(keras.ops.convert_to_numpy(v)) for k, v in official_variables(model).items()}
+
+
+def save_official(model, path):
+    """Writes `model`'s parameters as an official `.npz` (keys and layouts).
+
+    Written to a temporary file and renamed, so a crash leaves no half file.
+    `load_official` of the file gives a bit-identical model.
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **_numpy_params(model))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+# --- Architecture from parameters, heads and resolution -------------------------
+
+
+def official_config(params, image_shape=None):
+    """Infers `MLPMixer` arguments from official parameter shapes.
+
+    The token count gives the pretraining grid; it is taken as square
+    unless `image_shape` (of the pretraining) says otherwise.
+
+    Returns:
+        dict with image_shape, patch_size, num_blocks, hidden_dim,
+        tokens_mlp_dim, channels_mlp_dim and num_classes (None without a head).
+    """
+    params = _strip_prefix(dict(params), "params/")
+    needed = ("stem/kernel", "MixerBlock_0/token_mixing/Dense_0/kernel",
+              "MixerBlock_0/channel_mixing/Dense_0/kernel")
+    absent = [k for k in needed if k not in params]
+    if absent:
+        raise ValueError(
+            f"Not an official MLP-Mixer checkpoint: no {', '.join(absent)} "
+            f"(found e.g. {', '.join(sorted(params)[:5])})."
+        )
+    patch_h, patch_w, channels, hidden = np.shape(params["stem/kernel"])
+    num_blocks = 0
+    while f"MixerBlock_{num_blocks}/token_mixing/Dense_0/kernel" in params:
+        num_blocks += 1
+    num_tokens, tokens_mlp_dim = np.shape(params["MixerBlock_0/token_mixing/Dense_0/kernel"])
+    channels_mlp_dim = np.shape(params["MixerBlock_0/channel_mixing/Dense_0/kernel"])[1]
+    head = params.get("head/kernel")
+    if image_shape is not None:
+        height, width = image_shape[:2]
+        if (height // patch_h) * (width // patch_w) != num_tokens:
+            raise ValueError(
+                f"image_shape {tuple(image_shape)} with patch ({patch_h}, {patch_w}) "
+                f"gives {(height // patch_h) * (width // patch_w)} tokens; the "
+                f"checkpoint has {num_tokens}."
+            )
+    else:
+        side = int(round(num_tokens ** 0.5))
+        if side * side != num_tokens:
+            raise ValueError(
+                f"The checkpoint has {num_tokens} tokens, not a square grid: pass "
+                "the pretraining image_shape."
+            )
+        height, width = side * patch_h, side * patch_w
+    return dict(
+        image_shape=(int(height), int(width), int(channels)),
+        patch_size=(int(patch_h), int(patch_w)),
+        num_blocks=num_blocks,
+        hidden_dim=int(hidden),
+        tokens_mlp_dim=int(tokens_mlp_dim),
+        channels_mlp_dim=int(channels_mlp_dim),
+        num_classes=None if head is None else int(np.shape(head)[1]),
+    )
+
+
+def _scale_factors(base_shape, image_shape):
+    """Integer (kh, kw) with image = (kh, kw) x base, or a ValueError that says why."""
+    factors = []
+    for side, base, size in (("height", base_shape[0], image_shape[0]),
+                             ("width", base_shape[1], image_shape[1])):
+        if size % base or size < base:
+            lower = max(base, size // base * base)
+            raise ValueError(
+                f"Image {side} {size} is not an integer multiple of the "
+                f"pretraining {side} {base}. Appendix C of the paper adapts the "
+                "token-mixing MLPs only to K times the pretraining size (K = 1, "
+                f"2, 3, ...); the nearest valid {side}s are {lower} and {lower + base}."
+            )
+        factors.append(size // base)
+    if tuple(image_shape[2:]) != tuple(base_shape[2:]):
+        raise ValueError(
+            f"The checkpoint takes {base_shape[2]} channels, not {image_shape[2]}."
+        )
+    return tuple(factors)
+
+
+def adapt_params(params, grid, factors):
+    """Appendix C on a flat mapping: token-mixing MLPs for a (kh x kw)-times larger grid.
+
+    Each of the kh x kw windows of the image gets its own copy of every
+    token-mixing MLP: W1 and W2 become block-diagonal over windows, biases
+    are tiled. Tokens are in raster order over the whole image, so a
+    window's tokens are not contiguous; `window` and `local` below map each
+    new token to its window and to its position inside the window.
+
+    Args:
+        params: official mapping at the base grid.
+        grid: (h, w), the base token grid.
+        factors: (kh, kw).
+    """
+    (h, w), (kh, kw) = grid, factors
+    windows = kh * kw
+    rows, cols = np.divmod(np.arange(h * kh * w * kw), w * kw)
+    window = (rows // h) * kw + cols // w
+    local = (rows % h) * w + cols % w
+    tokens = np.arange(window.size)
+    out = dict(params)
+    for key in params:
+        match = re.fullmatch(r"(MixerBlock_\d+/token_mixing)/Dense_0/kernel", key)
+        if not match:
+            continue
+        prefix = match[1]
+        w1, b1 = params[f"{prefix}/Dense_0/kernel"], params[f"{prefix}/Dense_0/bias"]
+        w2, b2 = params[f"{prefix}/Dense_1/kernel"], params[f"{prefix}/Dense_1/bias"]
+        dim = w1.shape[1]
+        new_w1 = np.zeros((tokens.size, windows, dim), w1.dtype)
+        new_w1[tokens, window] = w1[local]
+        new_w2 = np.zeros((windows, dim, tokens.size), w2.dtype)
+        new_w2[window, :, tokens] = w2[:, local].T
+        out[f"{prefix}/Dense_0/kernel"] = new_w1.reshape(tokens.size, windows * dim)
+        out[f"{prefix}/Dense_0/bias"] = np.tile(b1, windows)
+        out[f"{prefix}/Dense_1/kernel"] = new_w2.reshape(windows * dim, tokens.size)
+        out[f"{prefix}/Dense_1/bias"] = b2[local]
+    return out
+
+
+def _model_config(model):
+    config = model.get_config()
+    config.pop("trainable", None)
+    return config
+
+
+def _set_head(params, config, num_classes):
+    """Drops the head keys when `num_classes` differs from the params' head."""
+    head = params.get("head/kernel")
+    current = None if head is None else head.shape[1]
+    if num_classes == current:
+        return params
+    params = {k: v for k, v in params.items() if not k.startswith("head/")}
+    if num_classes is not None:
+        # The official fine-tuning starts from a zero head.
+        params["head/kernel"] = np.zeros((config["hidden_dim"], num_classes), "float32")
+        params["head/bias"] = np.zeros((num_classes,), "float32")
+        logging.warning(
+            "Replaced the %s-class head by a fresh zero head of %d classes.",
+            current, num_classes,
+        )
+    return params
+
+
+def _build(config, params):
+    model = MLPMixer(**config)
+    load_official_params(model, params)
+    return model
+
+
+def adapt_resolution(model, image_shape):
+    """A new `MLPMixer` for `image_shape` = (K_h, K_w) times the model's, per Appendix C.
+
+    Its token-mixing MLPs have K_h*K_w times the tokens and hidden units;
+    at this point it computes exactly the mean of the original model's
+    outputs over the K_h x K_w windows of the image. The original is not
+    changed and shares no arrays with the new model.
+    """
+    image_shape = tuple(image_shape)
+    factors = _scale_factors(model.image_shape, image_shape)
+    config = _model_config(model)
+    grid = (model.image_shape[0] // model.patch_size[0], model.image_shape[1] // model.patch_size[1])
+    config.update(image_shape=image_shape, tokens_mlp_dim=model.tokens_mlp_dim * factors[0] * factors[1])
+    return _build(config, adapt_params(_numpy_params(model), grid, factors))
+
+
+def reset_head(model, num_classes):
+    """A new `MLPMixer` with copies of `model`'s backbone and a head for `num_classes`.
+
+    The same class count keeps the head exactly; another gives a zero head
+    (as official fine-tuning starts); None drops it (pre-logits out). The
+    original stays usable: the new model holds copies, never shared arrays.
+    """
+    config = _model_config(model)
+    config["num_classes"] = num_classes
+    return _build(config, _set_head(_numpy_params(model), config, num_classes))
+
+
+def from_checkpoint(source, num_classes=None, image_shape=None, cache_dir=None, mirror=None,
+                    **overrides):
+    """Builds the `MLPMixer` of an official checkpoint; see `MLPMixer.from_checkpoint`."""
+    params = read_official(source, cache_dir, mirror)
+    config = official_config(params)
+    base_shape = config["image_shape"]
+    if num_classes is None:
+        num_classes = config["num_classes"]
+    config.update(overrides)
+    image_shape = tuple(image_shape) if image_shape is not None else base_shape
+    factors = _scale_factors(base_shape, image_shape)
+    if factors != (1, 1):
+        grid = (base_shape[0] // config["patch_size"][0], base_shape[1] // config["patch_size"][1])
+        params = adapt_params(params, grid, factors)
+        config.update(image_shape=image_shape,
+                      tokens_mlp_dim=config["tokens_mlp_dim"] * factors[0] * factors[1])
+    config["num_classes"] = num_classes
+    return _build(config, _set_head(params, config, num_classes))
