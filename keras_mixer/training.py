@@ -55,8 +55,8 @@ DEFAULTS = dict(
     # Model.
     variant=None,               # e.g. "B/16"; None: `model` gives every argument
     model={},                   # MLPMixer arguments (override the variant's)
-    init_checkpoint=None,       # official .npz to start from
-    reset_head=False,           # with init_checkpoint: keep a zero head
+    init_checkpoint=None,       # official .npz path or released name to start from
+    reset_head=False,           # with init_checkpoint: start from a zero head
     # Recipe.
     recipe=None,                # "pretrain", "finetune" or None
     optimizer="adamw",          # or "sgd"
@@ -523,9 +523,28 @@ def make_datasets(config, micro_batch_size):
 
 
 def make_model(config, image_shape, num_classes):
-    """The `MLPMixer` of `config`: a paper variant with overrides, or `model` alone."""
+    """The `MLPMixer` of `config`.
+
+    With `init_checkpoint` (an official `.npz` path or released name such as
+    "imagenet21k/Mixer-B_16") the architecture comes from the checkpoint:
+    its head is kept when the class count matches and `reset_head` is off,
+    and an `image_size` that is K times the checkpoint's adapts the
+    token-mixing MLPs (paper Appendix C). Otherwise: a paper `variant` with
+    `model` overrides, or `model` alone.
+    """
+    from keras_mixer import weights
+
     kwargs = dict(config["model"])
     kwargs.setdefault("seed", config["seed"])
+    if config["init_checkpoint"]:
+        params = weights.read_official(config["init_checkpoint"])
+        if config["variant"]:
+            _check_variant(config["variant"], weights.official_config(params), config["init_checkpoint"])
+        if config["reset_head"]:
+            params = {k: v for k, v in params.items() if not k.startswith("head/")}
+        return weights.from_checkpoint(
+            params, num_classes=num_classes, image_shape=image_shape, **kwargs
+        )
     if config["variant"]:
         return MLPMixer.from_variant(
             config["variant"], image_shape=image_shape, num_classes=num_classes, **kwargs
@@ -533,29 +552,18 @@ def make_model(config, image_shape, num_classes):
     return MLPMixer(image_shape=image_shape, num_classes=num_classes, **kwargs)
 
 
-def load_init_checkpoint(model, path, reset_head):
-    """Starts from an official `.npz`; with `reset_head` (or another class
-    count) the zero-initialised head is kept, as official fine-tuning does."""
-    from keras_mixer import weights
+def _check_variant(variant, inferred, source):
+    from keras_mixer.model import variant_config
 
-    if not pathlib.Path(path).is_file():
-        raise FileNotFoundError(
-            f"init_checkpoint {str(path)!r} does not exist. The official "
-            "checkpoints are at https://storage.googleapis.com/mixer_models/"
-            "<imagenet1k|imagenet21k|sam>/Mixer-<B_16|L_16|B_32>.npz: download "
-            "one and pass its path with --set init_checkpoint=PATH."
+    expected = variant_config(variant)
+    found = {k: inferred[k] for k in ("num_blocks", "hidden_dim", "channels_mlp_dim")}
+    found["patch_size"] = inferred["patch_size"][0]
+    differ = {k: (expected[k], found[k]) for k in found if expected[k] != found[k]}
+    if differ:
+        raise ValueError(
+            f"init_checkpoint {source!r} is not a {variant} (expected vs found: {differ}). "
+            "Set `variant` to the checkpoint's, or None to take it from the file."
         )
-    with np.load(path, allow_pickle=False) as f:
-        params = {k: f[k] for k in f.files}
-    params = weights._strip_prefix(params, "params/")
-    head = params.get("head/kernel")
-    mismatch = head is not None and tuple(head.shape) != tuple(model.get_layer("head").kernel.shape)
-    if reset_head or mismatch:
-        params = {k: v for k, v in params.items() if not k.startswith("head/")}
-        params["head/kernel"] = keras.ops.convert_to_numpy(model.get_layer("head").kernel)
-        params["head/bias"] = keras.ops.convert_to_numpy(model.get_layer("head").bias)
-        logging.warning("Loaded %s with a fresh zero head of %d classes.", path, model.num_classes)
-    weights.load_official_params(model, params)
 
 
 # --- Training ------------------------------------------------------------------
@@ -691,8 +699,6 @@ def _train(config, workdir, verbose):
     start = state["step"] if state else 0
     if state:
         print(f"Resuming from {state['path']} at step {start} of {total}.")
-    elif config["init_checkpoint"]:
-        load_init_checkpoint(model, config["init_checkpoint"], config["reset_head"])
 
     progress = Progress(
         state_dir, start, micro_batch,

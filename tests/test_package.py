@@ -46,5 +46,6 @@ def test_data_never_imports_the_model():
 
 def test_public_api():
     for name in ("MLPMixer", "MixerBlock", "MLPBlock", "StochasticDepth",
-                 "VARIANTS", "variant_config", "load_official_params", "load_timm"):
+                 "VARIANTS", "variant_config", "load_official_params", "load_timm",
+                 "load_official", "save_official", "reset_head", "adapt_resolution"):
         assert hasattr(keras_mixer, name), name

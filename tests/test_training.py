@@ -210,7 +210,7 @@ def test_cifar10_finetune_runs_on_mock_data_from_a_checkpoint(tmp_path):
     params = {k: to_numpy(v) + 0.5 for k, v in official_variables(pretrained).items()}
     np.savez(tmp_path / "pretrained.npz", **params)
     config = training.apply_overrides(configs.get("cifar10_finetune"), dict(
-        variant=None, model=tiny, image_size=32, batch_size=8, train_steps=3,
+        variant=None, model={}, image_size=64, batch_size=8, train_steps=3,
         steps_per_epoch=3, warmup_steps=1, init_checkpoint=str(tmp_path / "pretrained.npz"),
     ))
     with tfds.testing.mock_data(num_examples=24):
@@ -223,8 +223,14 @@ def test_cifar10_finetune_runs_on_mock_data_from_a_checkpoint(tmp_path):
         to_numpy(model.get_layer("pre_head_layer_norm").gamma),
         params["pre_head_layer_norm/scale"], atol=0.1)
     assert model.output_shape == (None, 10)  # a fresh 10-class head
+    # 64 px from a 32-px checkpoint: Appendix C, 4x the tokens and token-MLP width.
+    assert model.num_tokens == 64 and model.tokens_mlp_dim == 16
     with tfds.testing.mock_data(num_examples=24):
-        with pytest.raises(FileNotFoundError, match="storage.googleapis.com/mixer_models"):
+        with pytest.raises(ValueError, match=r"is not a B/16 .*Set `variant` to the checkpoint's"):
+            training.train(training.apply_overrides(config, {"variant": "B/16"}),
+                           tmp_path / "run3", verbose=0)
+    with tfds.testing.mock_data(num_examples=24):
+        with pytest.raises(FileNotFoundError, match="neither an existing .npz file nor a released"):
             training.train(training.apply_overrides(config, {"init_checkpoint": "nowhere.npz"}),
                            tmp_path / "run2", verbose=0)
 

@@ -1,11 +1,12 @@
 """Fine-tune an ImageNet-21k Mixer-B/16 on CIFAR-10 at 224x224 (the official recipe).
 
 Run:
-    python train.py --config cifar10_finetune \
-        --set init_checkpoint=/path/to/imagenet21k/Mixer-B_16.npz data_dir=/path/to/tfds
+    python train.py --config cifar10_finetune --set data_dir=/path/to/tfds
 
 The checkpoint is the official file
-https://storage.googleapis.com/mixer_models/imagenet21k/Mixer-B_16.npz;
+https://storage.googleapis.com/mixer_models/imagenet21k/Mixer-B_16.npz,
+downloaded once into ~/.keras/mixer_models (or pass a local copy with
+`--set init_checkpoint=/path/to/Mixer-B_16.npz`, or set KERAS_MIXER_MIRROR);
 CIFAR-10 comes from tensorflow-datasets (`tfds build cifar10`, or add
 `download=True`). Hardware: a TPU v2/v3-8 or one large GPU; on a single
 16 GB GPU add `grad_accum_steps=8` (the official code's setting), which
@@ -30,7 +31,7 @@ def get_config():
         crop_area=[0.7, 1.0],
         eval_crop="resize-crop",
         variant="B/16",
-        init_checkpoint="imagenet21k/Mixer-B_16.npz",
+        init_checkpoint="imagenet21k/Mixer-B_16",
         learning_rate=0.03,
         train_steps=10_000,
         steps_per_epoch=500,
