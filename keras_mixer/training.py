@@ -645,7 +645,9 @@ def train(config, workdir, verbose="auto"):
     >>> training.train(configs.get("digits"), "runs/digits")["test_accuracy"]
     0.98...
     """
-    config = resolve_config(config)
+    # Through JSON and back, so that a tuple in a config file compares equal
+    # to the list that config.json holds when a run resumes.
+    config = json.loads(json.dumps(resolve_config(config)))
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     _check_workdir_config(workdir / "config.json", config)

@@ -131,7 +131,7 @@ def test_train_writes_log_checkpoints_and_results(tmp_path):
     assert accuracy == pytest.approx(results["test_accuracy"], abs=1e-6)
     assert not list(tmp_path.glob(".*tmp*"))
     # The same call again finds the run finished: no step is repeated.
-    again = training.train(tiny_config(), tmp_path, verbose=0)
+    again = training.train(tiny_config(crop_area=(0.05, 1.0)), tmp_path, verbose=0)  # tuple == list
     assert again["resumed_from"] == 22 and again["steps"] == 22
     with pytest.raises(ValueError, match="holds a run with a different config"):
         training.train(tiny_config(seed=1), tmp_path, verbose=0)
