@@ -12,13 +12,13 @@ reported and skipped, and the next older one is used.
 
 import json
 import logging
-import os
 import pathlib
 import re
-import zipfile
 
 import numpy as np
 from keras import ops
+
+from keras_mixer import weights
 
 _PATTERN = re.compile(r"^state-(\d{9})\.npz$")
 
@@ -67,22 +67,14 @@ def save_state(directory, model, step, keep=2, extra=None):
         **(extra or {}),
     }
     arrays["header"] = np.array(json.dumps(header))
-    path = state_path(directory, step)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    path = weights.write_npz(state_path(directory, step), arrays)
     for old in list_states(directory)[keep:]:
         old.unlink()
     return path
 
 
 def _read(path):
-    with np.load(path, allow_pickle=False) as data:
-        # Reading every array makes zipfile check every CRC.
-        arrays = {key: data[key] for key in data.files}
+    arrays = weights.read_npz(path)  # reads every array, so every CRC is checked
     header = json.loads(str(arrays.pop("header")))
     return header, arrays
 
@@ -123,7 +115,7 @@ def restore_latest(directory, model):
     for path in list_states(directory):
         try:
             header, arrays = _read(path)
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        except (ValueError, KeyError) as error:
             logging.warning(
                 "Checkpoint %s is damaged (%s: %s), probably cut off by a crash "
                 "mid-write; trying the previous one.", path, type(error).__name__, error,

@@ -428,9 +428,10 @@ class Progress(keras.callbacks.Callback):
             )
         if self.nan_message is None and not self.preempted:
             self.save()
-            # `fit` replaces the weights by their EMA when it returns; keep
-            # the raw ones so that a next `fit` call can continue.
-            self.stash = [keras.ops.convert_to_numpy(v) for v in self.model.trainable_variables]
+            if self.model.optimizer.use_ema:
+                # `fit` replaces the weights by their EMA when it returns;
+                # keep the raw ones so that a next `fit` call can continue.
+                self.stash = [keras.ops.convert_to_numpy(v) for v in self.model.trainable_variables]
 
 
 class BestModel(keras.callbacks.Callback):
@@ -730,7 +731,7 @@ def _train(config, workdir, verbose):
                 history.setdefault(key, []).extend(values)
             if progress.nan_message or progress.preempted:
                 break
-            if progress.stash is not None and progress.step < total and config["ema_momentum"] is not None:
+            if progress.stash is not None and progress.step < total:
                 for variable, value in zip(model.trainable_variables, progress.stash):
                     variable.assign(value)
     finally:

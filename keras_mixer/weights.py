@@ -389,11 +389,17 @@ def save_official(model, path):
     Written to a temporary file and renamed, so a crash leaves no half file.
     `load_official` of the file gives a bit-identical model.
     """
+    return write_npz(path, _numpy_params(model))
+
+
+def write_npz(path, arrays):
+    """Writes `arrays` to an `.npz` atomically: a temporary file, flushed to
+    disk, then renamed, so a crash mid-write leaves any previous file intact."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, **_numpy_params(model))
+        np.savez(f, **arrays)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -547,6 +553,20 @@ def _build(config, params):
     return model
 
 
+def _adapt(params, config, image_shape):
+    """`(params, config)` for `image_shape`, K times `config["image_shape"]` (K may be 1)."""
+    base = tuple(config["image_shape"])
+    factors = _scale_factors(base, tuple(image_shape))
+    if factors == (1, 1):
+        return params, config
+    patch_h, patch_w = config["patch_size"]
+    config = dict(
+        config, image_shape=tuple(image_shape),
+        tokens_mlp_dim=config["tokens_mlp_dim"] * factors[0] * factors[1],
+    )
+    return adapt_params(params, (base[0] // patch_h, base[1] // patch_w), factors), config
+
+
 def adapt_resolution(model, image_shape):
     """A new `MLPMixer` for `image_shape` = (K_h, K_w) times the model's, per Appendix C.
 
@@ -555,12 +575,8 @@ def adapt_resolution(model, image_shape):
     outputs over the K_h x K_w windows of the image. The original is not
     changed and shares no arrays with the new model.
     """
-    image_shape = tuple(image_shape)
-    factors = _scale_factors(model.image_shape, image_shape)
-    config = _model_config(model)
-    grid = (model.image_shape[0] // model.patch_size[0], model.image_shape[1] // model.patch_size[1])
-    config.update(image_shape=image_shape, tokens_mlp_dim=model.tokens_mlp_dim * factors[0] * factors[1])
-    return _build(config, adapt_params(_numpy_params(model), grid, factors))
+    params, config = _adapt(_numpy_params(model), _model_config(model), image_shape)
+    return _build(config, params)
 
 
 def reset_head(model, num_classes):
@@ -584,12 +600,6 @@ def from_checkpoint(source, num_classes=None, image_shape=None, cache_dir=None, 
     if num_classes is None:
         num_classes = config["num_classes"]
     config.update(overrides)
-    image_shape = tuple(image_shape) if image_shape is not None else base_shape
-    factors = _scale_factors(base_shape, image_shape)
-    if factors != (1, 1):
-        grid = (base_shape[0] // config["patch_size"][0], base_shape[1] // config["patch_size"][1])
-        params = adapt_params(params, grid, factors)
-        config.update(image_shape=image_shape,
-                      tokens_mlp_dim=config["tokens_mlp_dim"] * factors[0] * factors[1])
+    params, config = _adapt(params, config, image_shape if image_shape is not None else base_shape)
     config["num_classes"] = num_classes
     return _build(config, _set_head(params, config, num_classes))
