@@ -49,3 +49,17 @@ def test_public_api():
                  "VARIANTS", "variant_config", "load_official_params", "load_timm",
                  "load_official", "save_official", "reset_head", "adapt_resolution"):
         assert hasattr(keras_mixer, name), name
+
+
+def test_readme_table_lists_exactly_the_released_checkpoints():
+    # The README's table is how users pick a checkpoint; a name added to
+    # RELEASED without a row (or a row for a name that does not load) is a bug.
+    from keras_mixer import weights
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Released checkpoints", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    names = [row.split("`")[1] for row in rows]
+    assert names == list(weights.RELEASED)
+    for name, row in zip(names, rows):
+        assert f'from_checkpoint("{name}"' in row
