@@ -10,6 +10,11 @@ Running the same command with the same --workdir again resumes the run at
 the exact step of its last checkpoint (written every `checkpoint_every`
 steps, every epoch, and on SIGTERM).
 
+Devices: every TPU core, GPU or JAX device found is used (data parallel,
+`--distribution auto`); `--distribution model --model_parallel_size N`
+shards the large kernels on JAX. The choice is printed and written to
+<workdir>/distribution.json. See docs/distributed.md.
+
 The backend is chosen the Keras way, by the KERAS_BACKEND environment
 variable (default: tensorflow, or what ~/.keras/keras.json says).
 """
@@ -50,6 +55,21 @@ def parse_args(argv):
     parser.add_argument("--learning_rate", type=float, help="shorthand for --set learning_rate=X (peak)")
     parser.add_argument("--weight_decay", type=float, help="shorthand for --set weight_decay=X")
     parser.add_argument("--seed", type=int, help="shorthand for --set seed=N (data order, augmentation, init)")
+    parser.add_argument(
+        "--distribution", choices=("auto", "data", "model", "none"), default="auto",
+        help="devices: auto (every TPU core/GPU/JAX device, data parallel), data, "
+        "model (JAX: shard the MLP kernels over --model_parallel_size devices), "
+        "none (one device) (default: %(default)s); see docs/distributed.md",
+    )
+    parser.add_argument(
+        "--model_parallel_size", type=int, default=None,
+        help="with --distribution model: devices per model copy (default: one host's)",
+    )
+    parser.add_argument(
+        "--tpu", default=None,
+        help="TensorFlow: a TPU name or grpc:// address to connect to (default: "
+        "$TPU_NAME, else Colab's or this TPU VM's, if any)",
+    )
     parser.add_argument(
         "--eval_only", action="store_true",
         help="evaluate --checkpoint (a .keras file) on the config's eval split and exit",
@@ -92,7 +112,10 @@ def main(argv=None):
         "runs", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     )
     print(f"keras-mixer: config {args.config}, backend {keras.backend.backend()}, workdir {workdir}")
-    results = training.train(config, workdir, verbose=verbose)
+    from keras_mixer import distribute
+
+    placement = distribute.setup(args.distribution, args.model_parallel_size, tpu=args.tpu)
+    results = training.train(config, workdir, verbose=verbose, distribution=placement)
     if results["preempted"]:
         print(
             f"Stopped by SIGTERM at step {results['steps']}; the state is saved. "

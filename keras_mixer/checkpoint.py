@@ -48,18 +48,35 @@ def list_states(directory):
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def save_state(directory, model, step, keep=2, extra=None):
+def _to_numpy(variable):
+    value = variable.value
+    # A JAX array sharded over several hosts: every host takes part in the
+    # gather, so every host calls this (and only the chief writes).
+    if getattr(value, "is_fully_addressable", True) is False:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    if hasattr(value, "values") and hasattr(value, "_primary"):
+        # A tf.distribute mirrored variable: every replica holds the same
+        # value; read the primary copy.
+        value = value._primary
+    return np.asarray(ops.convert_to_numpy(value))
+
+
+def save_state(directory, model, step, keep=2, extra=None, write=True):
     """Writes the model's and its optimizer's state at `step`; keeps the newest `keep`.
 
-    Returns the path written.
+    `write=False` (hosts other than the chief) gathers without writing.
+    Returns the path written (or that would be).
     """
     directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if write:
+        directory.mkdir(parents=True, exist_ok=True)
     model_variables, optimizer_variables = _state_variables(model)
     arrays = {}
     for prefix, variables in (("model", model_variables), ("optimizer", optimizer_variables)):
         for i, variable in enumerate(variables):
-            arrays[f"{prefix}/{i:05d}"] = np.asarray(ops.convert_to_numpy(variable.value))
+            arrays[f"{prefix}/{i:05d}"] = _to_numpy(variable)
     header = {
         "step": int(step),
         "model": [v.path for v in model_variables],
@@ -67,6 +84,8 @@ def save_state(directory, model, step, keep=2, extra=None):
         **(extra or {}),
     }
     arrays["header"] = np.array(json.dumps(header))
+    if not write:
+        return state_path(directory, step)
     path = weights.write_npz(state_path(directory, step), arrays)
     for old in list_states(directory)[keep:]:
         old.unlink()

@@ -507,3 +507,38 @@ def eval_pipeline(source, batch_size, image_shape, crop="resize-crop",
 
     dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def pad_batches(dataset, batch_size, num_batches=None, multiple=False):
+    """Pads every batch of an `(images, labels)` dataset to `batch_size`.
+
+    Returns `(images, labels, weights)` batches whose padding has weight 0,
+    so that Keras' weighted metrics count each real example exactly once.
+    Data-parallel evaluation needs it: every batch must split evenly over
+    the devices, and a test set rarely ends on a full batch. With
+    `multiple=True`, batches are padded to the next multiple of
+    `batch_size` instead (the fewest padding examples). With `num_batches`,
+    all-padding batches are appended up to that count, so that every host
+    runs the same number of steps.
+    """
+    def pad(images, labels):
+        count = tf.shape(images)[0]
+        missing = (-count) % batch_size if multiple else batch_size - count
+
+        def zeros_after(x):
+            return tf.pad(x, [[0, missing]] + [[0, 0]] * (len(x.shape) - 1))
+
+        weights = tf.concat([tf.ones([count]), tf.zeros([missing])], axis=0)
+        images, labels = zeros_after(images), zeros_after(labels)
+        if multiple:
+            return images, labels, weights
+        return (tf.ensure_shape(images, [batch_size, *images.shape[1:]]),
+                tf.ensure_shape(labels, [batch_size, *labels.shape[1:]]),
+                tf.ensure_shape(weights, [batch_size]))
+
+    dataset = dataset.map(pad, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if num_batches is not None:
+        spec = dataset.element_spec
+        empty = tuple(tf.zeros(s.shape, s.dtype) for s in spec)
+        dataset = dataset.concatenate(tf.data.Dataset.from_tensors(empty).repeat()).take(num_batches)
+    return dataset

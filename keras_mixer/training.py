@@ -28,6 +28,7 @@ import numpy as np
 from keras_mixer import augment as augment_lib
 from keras_mixer import checkpoint as checkpoint_lib
 from keras_mixer import data as data_lib
+from keras_mixer import distribute as distribute_lib
 from keras_mixer.model import MLPMixer
 
 # Every config key, with its default. A None default lists its types in
@@ -331,20 +332,43 @@ def sigmoid_cross_entropy(y_true, y_pred):
     )
 
 
+@keras.saving.register_keras_serializable(package="keras_mixer")
+class SigmoidCrossEntropy(keras.losses.Loss):
+    """`sigmoid_cross_entropy` as a `Loss`, averaged over the sample weights."""
+
+    def __init__(self, reduction="mean_with_sample_weight", name="sigmoid_xent", dtype=None):
+        super().__init__(reduction=reduction, name=name, dtype=dtype)
+
+    def call(self, y_true, y_pred):
+        return sigmoid_cross_entropy(y_true, y_pred)
+
+
 def make_loss(kind, label_smoothing=0.0):
-    """Softmax or sigmoid cross-entropy on one-hot or soft (MixUp) labels."""
+    """Softmax or sigmoid cross-entropy on one-hot or soft (MixUp) labels.
+
+    The mean is over the sample weights: data-parallel evaluation pads the
+    last batch with weight-0 examples (`data.pad_batches`), which must not
+    count. Without weights (training) it is the plain batch mean.
+    """
     if kind == "sigmoid_xent":
         if label_smoothing:
             raise ValueError("label_smoothing is implemented for softmax_xent only.")
-        return sigmoid_cross_entropy
-    return keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing)
+        return SigmoidCrossEntropy()
+    return keras.losses.CategoricalCrossentropy(
+        from_logits=True, label_smoothing=label_smoothing, reduction="mean_with_sample_weight"
+    )
 
 
-def _jit_compile():
+def _jit_compile(placement=None):
     # Keras' "auto" turns XLA off for TensorFlow on CPU-only machines, but
     # with XLA a digits step took 17 ms instead of 26 on 2 CPU cores. On
-    # PyTorch True would mean torch.compile, which was slower there.
-    return True if keras.backend.backend() == "tensorflow" else "auto"
+    # PyTorch True would mean torch.compile, which was slower there. Under
+    # a tf.distribute strategy XLA cannot reach the variables that other
+    # replicas hold ("Trying to access resource ... located in device"), and
+    # TPUs compile anyway: leave it to Keras there.
+    if keras.backend.backend() != "tensorflow":
+        return "auto"
+    return "auto" if placement is not None and placement.strategy is not None else True
 
 
 def _save_atomically(model, path):
@@ -370,10 +394,13 @@ class Progress(keras.callbacks.Callback):
         batch_size: images per step (for images/s).
         every: int, steps between states (0: only at epoch ends).
         keep: int, states kept.
+        chief: whether this host writes the files (every host takes part in
+            gathering sharded arrays).
     """
 
-    def __init__(self, directory, start_step, batch_size, every, keep):
+    def __init__(self, directory, start_step, batch_size, every, keep, chief=True):
         super().__init__()
+        self.chief = chief
         self.directory = directory
         self.step = start_step
         self.batch_size = batch_size
@@ -388,7 +415,9 @@ class Progress(keras.callbacks.Callback):
         self.step = self.last_saved = self._epoch_start = start_step
 
     def save(self):
-        checkpoint_lib.save_state(self.directory, self.model, self.step, keep=self.keep)
+        checkpoint_lib.save_state(
+            self.directory, self.model, self.step, keep=self.keep, write=self.chief
+        )
         self.last_saved = self.step
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -472,22 +501,43 @@ def _image_shape(config):
     return (height, width, config["channels"])
 
 
-def make_datasets(config, micro_batch_size):
+def make_datasets(config, micro_batch_size, placement=None):
     """Returns `(train_fn, eval_ds, steps_per_data_epoch, num_classes, image_shape)`.
 
-    `train_fn(start_step)` builds the training stream from that step.
+    `train_fn(start_step)` builds the training stream from that step. With
+    a `distribute.Placement`, each host reads its shard at its part of
+    `micro_batch_size` (the global batch of one step), and evaluation
+    batches are padded to split evenly over the replicas.
     """
     image_shape = _image_shape(config)
+    num_shards, shard_index = placement.shard if placement else (1, 0)
+    replicas = placement.num_replicas if placement else 1
+    host_batch = placement.host_batch_size(micro_batch_size) if placement else micro_batch_size
     eval_batch = config["eval_batch_size"] or min(config["batch_size"], 512)
+    if replicas > 1:
+        eval_batch = max(replicas, eval_batch - eval_batch % replicas)
+        placement.check_batch_size(eval_batch, "eval_batch_size")
+
+    def for_replicas(eval_ds, num_examples):
+        return pad_for_replicas(eval_ds, placement, eval_batch // num_shards, num_examples)
+
     if config["dataset"] == "digits":
+        if num_shards > 1:
+            raise ValueError(
+                "The digits set is for one host; for several hosts use a tfds "
+                "dataset or an image folder, which are read in per-host shards."
+            )
+
         def train_fn(start_step):
             return data_lib.digits_datasets(
-                micro_batch_size, seed=config["seed"],
+                host_batch, seed=config["seed"],
                 shift_pixels=config["shift_pixels"], start_step=start_step,
             )[0]
 
-        _, test, steps = data_lib.digits_datasets(micro_batch_size, shift_pixels=0)
-        eval_ds = test if config["eval_split"] else None
+        _, test, steps = data_lib.digits_datasets(host_batch, shift_pixels=0)
+        eval_ds = None
+        if config["eval_split"]:
+            eval_ds = test if replicas == 1 else for_replicas(test.unbatch().batch(eval_batch), None)
         return train_fn, eval_ds, steps, data_lib.DIGITS_NUM_CLASSES, image_shape
 
     source = data_lib.make_source(
@@ -502,10 +552,11 @@ def make_datasets(config, micro_batch_size):
 
     def train_fn(start_step):
         return data_lib.train_pipeline(
-            source, micro_batch_size, image_shape, seed=config["seed"],
+            source, host_batch, image_shape, seed=config["seed"],
             start_step=start_step, crop_area=tuple(config["crop_area"]),
             flip=config["flip"], batch_augment=batch_augment,
             shuffle_buffer=config["shuffle_buffer"],
+            num_shards=num_shards, shard_index=shard_index,
         )[0]
 
     eval_ds = None
@@ -513,7 +564,10 @@ def make_datasets(config, micro_batch_size):
         eval_source = data_lib.make_source(
             config["dataset"], config["eval_split"], config["data_dir"], config["download"]
         )
-        eval_ds = data_lib.eval_pipeline(eval_source, eval_batch, image_shape, config["eval_crop"])
+        eval_ds = for_replicas(data_lib.eval_pipeline(
+            eval_source, eval_batch // num_shards, image_shape, config["eval_crop"],
+            num_shards=num_shards, shard_index=shard_index,
+        ), eval_source.num_examples)
     steps = source.num_examples // micro_batch_size
     if steps == 0:
         raise ValueError(
@@ -521,6 +575,27 @@ def make_datasets(config, micro_batch_size):
             f"training examples of {source.description}."
         )
     return train_fn, eval_ds, steps, source.num_classes, image_shape
+
+
+def pad_for_replicas(eval_ds, placement, host_batch_size, num_examples):
+    """An evaluation dataset that `placement`'s devices can split.
+
+    tf.distribute splits uneven batches itself. A JAX batch must split
+    evenly over the devices: the last one is padded with weight-0 examples
+    to a multiple of the replicas (the metrics, compiled as weighted
+    metrics, count each real example once; the loss averages over real
+    examples per batch). On several hosts batches are padded to the full
+    `host_batch_size`, and all-padding batches make every host run the
+    same number of steps; there Keras' epoch-mean loss counts padding in
+    its batch weights, so only accuracies are exact.
+    """
+    if placement is None or placement.num_replicas == 1 or placement.strategy is not None:
+        return eval_ds
+    num_shards = placement.shard[0]
+    if num_shards == 1:
+        return data_lib.pad_batches(eval_ds, placement.num_replicas, multiple=True)
+    num_batches = math.ceil(math.ceil(num_examples / num_shards) / host_batch_size)
+    return data_lib.pad_batches(eval_ds, host_batch_size, num_batches)
 
 
 def make_model(config, image_shape, num_classes):
@@ -586,6 +661,14 @@ def _build_compiled_state(model, batch_size, image_shape, num_classes):
     model.reset_metrics()
     if not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
+    if getattr(model, "_distribute_strategy", None) is not None:
+        # Keras' TensorFlow trainer, for a model created under a
+        # tf.distribute strategy, takes one batch from the training iterator
+        # at the start of every `fit` to build the model, and that batch is
+        # never trained on (Keras 3.15). Everything is built now, so drop
+        # the model's own reference: Keras then reads the strategy from the
+        # scope that `train` runs `fit` in (the same one) and skips that build.
+        model._distribute_strategy = None
 
 
 def _segments(start, total, steps_per_epoch):
@@ -621,7 +704,7 @@ def _check_workdir_config(path, config):
         )
 
 
-def train(config, workdir, verbose="auto"):
+def train(config, workdir, verbose="auto", distribution="auto", model_parallel_size=None):
     """Trains an `MLPMixer` as `config` says, resuming from `workdir` if it holds a run.
 
     Writes to `workdir`: `config.json` (resolved), `log.csv`, `tensorboard/`,
@@ -636,6 +719,10 @@ def train(config, workdir, verbose="auto"):
         config: dict, e.g. `keras_mixer.configs.get("digits")`.
         workdir: path of the run's directory (created).
         verbose: as `model.fit`'s `verbose`.
+        distribution: a `keras_mixer.distribute.setup` mode ("auto", "data",
+            "model", "none") or a `Placement` from it. Not part of the
+            config: a preempted run may resume on other hardware.
+        model_parallel_size: with "model", devices per model copy.
 
     Returns:
         dict with `test_accuracy`, `test_top5`, `test_loss`, `steps`,
@@ -649,24 +736,37 @@ def train(config, workdir, verbose="auto"):
     # Through JSON and back, so that a tuple in a config file compares equal
     # to the list that config.json holds when a run resumes.
     config = json.loads(json.dumps(resolve_config(config)))
+    if isinstance(distribution, distribute_lib.Placement):
+        placement = distribution
+    else:
+        placement = distribute_lib.setup(distribution, model_parallel_size)
+    print(f"Distribution: {placement.description}.")
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     _check_workdir_config(workdir / "config.json", config)
-    (workdir / "config.json").write_text(json.dumps(config, indent=2))
+    if placement.is_chief:
+        (workdir / "config.json").write_text(json.dumps(config, indent=2))
+        (workdir / "distribution.json").write_text(json.dumps(placement.to_dict(), indent=2))
     keras.utils.set_random_seed(config["seed"])
     previous_policy = keras.config.dtype_policy()
     if config["mixed_precision"]:
         keras.config.set_dtype_policy("mixed_bfloat16")
     try:
-        return _train(config, workdir, verbose)
+        with placement.scope():
+            return _train(config, workdir, verbose, placement)
     finally:
         keras.config.set_dtype_policy(previous_policy)
 
 
-def _train(config, workdir, verbose):
+def _train(config, workdir, verbose, placement):
     accum = config["grad_accum_steps"]
     micro_batch = config["batch_size"] // accum
-    train_fn, eval_ds, data_steps, num_classes, image_shape = make_datasets(config, micro_batch)
+    placement.check_batch_size(
+        micro_batch, "batch_size" if accum == 1 else "batch_size / grad_accum_steps"
+    )
+    train_fn, eval_ds, data_steps, num_classes, image_shape = make_datasets(
+        config, micro_batch, placement
+    )
     # Keras steps are micro-batches; config steps are optimizer updates.
     steps_per_epoch = (config["steps_per_epoch"] or data_steps // accum) * accum
     if config["train_steps"]:
@@ -680,6 +780,8 @@ def _train(config, workdir, verbose):
 
     model = make_model(config, image_shape, num_classes)
     top5 = min(5, num_classes)
+    # Weighted metrics: data-parallel evaluation pads its last batch with
+    # weight-0 examples (`data.pad_batches`), which plain `metrics` would count.
     model.compile(
         optimizer=make_optimizer(
             config["learning_rate"], total_updates, warmup, config["weight_decay"],
@@ -689,14 +791,14 @@ def _train(config, workdir, verbose):
             ema_momentum=config["ema_momentum"],
         ),
         loss=make_loss(config["loss"], config["label_smoothing"]),
-        metrics=[
+        weighted_metrics=[
             keras.metrics.CategoricalAccuracy(name="accuracy"),
             keras.metrics.TopKCategoricalAccuracy(k=top5, name="top5"),
         ],
-        jit_compile=_jit_compile(),
+        jit_compile=_jit_compile(placement),
         steps_per_execution=config["steps_per_execution"],
     )
-    _build_compiled_state(model, micro_batch, image_shape, num_classes)
+    _build_compiled_state(model, placement.host_batch_size(micro_batch), image_shape, num_classes)
     state_dir = workdir / "checkpoints"
     state = checkpoint_lib.restore_latest(state_dir, model)
     start = state["step"] if state else 0
@@ -706,16 +808,18 @@ def _train(config, workdir, verbose):
     progress = Progress(
         state_dir, start, micro_batch,
         config["checkpoint_every"] * accum, config["keep_checkpoints"],
+        chief=placement.is_chief,
     )
     callbacks = [progress]
-    if eval_ds is not None:
+    if eval_ds is not None and placement.is_chief:
         callbacks.append(BestModel(workdir / "best.keras"))
     if config["ema_momentum"] is not None:
         callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
-    callbacks += [
-        keras.callbacks.CSVLogger(str(workdir / "log.csv"), append=True),
-        keras.callbacks.TensorBoard(str(workdir / "tensorboard"), write_graph=False),
-    ]
+    if placement.is_chief:  # One host writes the logs and files.
+        callbacks += [
+            keras.callbacks.CSVLogger(str(workdir / "log.csv"), append=True),
+            keras.callbacks.TensorBoard(str(workdir / "tensorboard"), write_graph=False),
+        ]
     previous_handler = _install_sigterm_handler()
     begin = time.perf_counter()
     history = {}
@@ -764,8 +868,10 @@ def _train(config, workdir, verbose):
         )
     if history.get("images_per_second"):
         results["images_per_second"] = round(float(np.median(history["images_per_second"])), 1)
-    _save_atomically(model, workdir / "model.keras")
-    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    results["distribution"] = placement.description
+    if placement.is_chief:
+        _save_atomically(model, workdir / "model.keras")
+        (workdir / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
 
@@ -790,7 +896,7 @@ def evaluate(config, checkpoint, verbose="auto"):
         )
     model.compile(
         loss=make_loss(config["loss"], config["label_smoothing"]),
-        metrics=[
+        weighted_metrics=[
             keras.metrics.CategoricalAccuracy(name="accuracy"),
             keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
         ],

@@ -1,0 +1,412 @@
+"""Devices: which accelerators a run uses, and how the model and batches are split.
+
+The only module with per-backend device branches. `setup` returns a
+`Placement`; the training code builds the model and optimizer inside
+`placement.scope()`, feeds each host the batch `placement.host_batch_size`
+of its `placement.shard` of the data, and writes `placement.to_dict()`
+into the work directory.
+
+- TensorFlow: a TPU (Colab's, a TPU VM's or a named one) gives a
+  `TPUStrategy`; several GPUs give a `MirroredStrategy`; otherwise the
+  default strategy. Keras splits each global batch over the replicas.
+- JAX: `keras.distribution.DataParallel` over every device, or
+  `ModelParallel` on a ("batch", "model") mesh whose "model" axis shards
+  the MLP kernels (see `layout_map`). Several hosts start through
+  `keras.distribution.initialize()`; each host reads its own shard.
+- PyTorch: one device. Asking for data or model parallelism is an error.
+
+Global batch and learning rate: configs give the global batch size (the
+one the recipes' learning rates were tuned for), so moving from 1 to 8
+devices changes neither; each device gets `batch_size / num_replicas`.
+"""
+
+import contextlib
+import dataclasses
+import glob
+import logging
+import os
+
+import keras
+
+MODES = ("auto", "data", "model", "none")
+
+# Environment variables that start a multi-host JAX run: Keras' own, and
+# JAX's coordinator variable.
+MULTI_HOST_ENV = (
+    "KERAS_DISTRIBUTION_JOB_ADDRESSES",
+    "KERAS_DISTRIBUTION_NUM_PROCESSES",
+    "JAX_COORDINATOR_ADDRESS",
+)
+
+
+@dataclasses.dataclass
+class Placement:
+    """Where a run lives. Build with `setup`.
+
+    Attributes:
+        backend: the Keras backend.
+        mode: "none", "data" or "model" (resolved: "auto" never remains).
+        num_replicas: how many ways each global batch is split.
+        model_parallel_size: devices one model is sharded over (1 unless "model").
+        num_devices: accelerators (or CPU devices) in use, over all hosts.
+        num_processes: hosts (processes) in the run.
+        process_index: this host's index.
+        strategy: the `tf.distribute.Strategy` (TensorFlow), else None.
+        distribution: the `keras.distribution.Distribution` (JAX), else None.
+        description: one line for logs, e.g. "TPUStrategy over 8 TPU cores".
+    """
+
+    backend: str
+    mode: str
+    num_replicas: int = 1
+    model_parallel_size: int = 1
+    num_devices: int = 1
+    num_processes: int = 1
+    process_index: int = 0
+    strategy: object = None
+    distribution: object = None
+    description: str = "one device"
+
+    def scope(self):
+        """The scope in which to create the model, compile it and call `fit`."""
+        if self.strategy is not None:
+            return self.strategy.scope()
+        if self.distribution is not None:
+            return self.distribution.scope()
+        return contextlib.nullcontext()
+
+    @property
+    def shard(self):
+        """`(num_shards, shard_index)` of this host's part of the training data.
+
+        Hosts that hold parts of one model copy (model parallelism wider
+        than a host) read the same shard.
+        """
+        if self.strategy is not None or self.num_processes == 1:
+            return 1, 0
+        if self.num_replicas >= self.num_processes:
+            return self.num_processes, self.process_index
+        return self.num_replicas, self.process_index // (self.num_processes // self.num_replicas)
+
+    @property
+    def is_chief(self):
+        """Whether this host writes files (checkpoints, logs, models)."""
+        return self.process_index == 0
+
+    def check_batch_size(self, batch_size, name="batch_size"):
+        """Raises a `ValueError` unless `batch_size` splits evenly over replicas and hosts."""
+        for count, what in ((self.num_replicas, "replicas"), (self.shard[0], "input shards")):
+            if batch_size % count:
+                lower = batch_size - batch_size % count
+                raise ValueError(
+                    f"{name}={batch_size} (the global batch) does not split over the "
+                    f"{count} {what} of {self.description}. Use a multiple of {count}, "
+                    f"e.g. {lower or count} or {lower + count}."
+                )
+
+    def host_batch_size(self, batch_size):
+        """The part of a global batch that one host's input pipeline produces."""
+        self.check_batch_size(batch_size)
+        return batch_size // self.shard[0]  # A TF client feeds every replica; Keras splits.
+
+    def to_dict(self):
+        return {
+            "backend": self.backend, "mode": self.mode, "num_replicas": self.num_replicas,
+            "model_parallel_size": self.model_parallel_size, "num_devices": self.num_devices,
+            "num_processes": self.num_processes, "process_index": self.process_index,
+            "description": self.description,
+        }
+
+
+def setup(mode="auto", model_parallel_size=None, tpu=None):
+    """Finds the devices and returns the `Placement` of a run.
+
+    Args:
+        mode: "auto" (every device found, data parallel), "data", "model"
+            (shard the large kernels; JAX only) or "none" (one device).
+        model_parallel_size: with "model", devices per model copy (the
+            "model" mesh axis; default: the devices of one host).
+        tpu: TensorFlow only: a TPU name or address to connect to (default:
+            `$TPU_NAME`, else found on Colab and TPU VMs). A named TPU that
+            cannot be reached is an error; without one, detection takes no
+            network round trip.
+
+    Returns:
+        A `Placement`.
+    """
+    if mode not in MODES:
+        raise ValueError(f"Unknown distribution mode {mode!r}. Valid: {', '.join(MODES)}.")
+    if model_parallel_size is not None and mode != "model":
+        raise ValueError(
+            f"model_parallel_size={model_parallel_size} needs mode='model' (got {mode!r})."
+        )
+    backend = keras.backend.backend()
+    if tpu is not None and backend != "tensorflow":
+        raise ValueError(
+            f"tpu={tpu!r} names a TPU for TensorFlow's TPUStrategy; the {backend} "
+            "backend finds its devices itself (JAX lists a TPU VM's cores). Drop it."
+        )
+    if backend == "jax":
+        placement = _setup_jax(mode, model_parallel_size)
+    elif backend == "tensorflow":
+        placement = _setup_tensorflow(mode, tpu)
+    else:
+        placement = _setup_single(backend, mode)
+    logging.info("Distribution: %s", placement.description)
+    return placement
+
+
+def _one_device(backend, mode, why):
+    if mode in ("data", "model"):
+        logging.warning("Distribution %r asked for, but %s: training on one device.", mode, why)
+    return Placement(backend=backend, mode="none", description=f"one device ({why})")
+
+
+# --- PyTorch (and any other backend) -------------------------------------------
+
+
+def _setup_single(backend, mode):
+    if mode in ("data", "model"):
+        raise ValueError(
+            f"{'Data' if mode == 'data' else 'Model'} parallelism is not available on the "
+            f"{backend} backend: keras-mixer distributes through tf.distribute "
+            "(KERAS_BACKEND=tensorflow: TPUs, several GPUs) and keras.distribution "
+            "(KERAS_BACKEND=jax: data and model parallel, several hosts). Use one of "
+            "those backends, or mode 'none' to train on one device."
+        )
+    return Placement(backend=backend, mode="none", description=f"one device ({backend} backend)")
+
+
+# --- TensorFlow ---------------------------------------------------------------
+
+
+def _tpu_hint():
+    """How this machine may hold a TPU, from cheap local signals only.
+
+    Returns "local" for a TPU VM (TPU device files), "" for a Colab TPU
+    node (COLAB_TPU_ADDR), or None. Nothing here touches the network, so a
+    machine without a TPU learns it in microseconds.
+    """
+    if os.environ.get("COLAB_TPU_ADDR"):
+        return ""
+    if glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"):
+        return "local"
+    return None
+
+
+def _tpu_resolver(tpu):
+    import tensorflow as tf
+
+    return tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or None)
+
+
+def connect_tpu(tpu, named=True):
+    """Connects to a TPU and returns its `TPUStrategy`.
+
+    `tpu`: a name, "grpc://host:port", "local" (TPU VM) or "" (Colab).
+    Failures of a named TPU raise a `RuntimeError` that says what to check.
+    """
+    import tensorflow as tf
+
+    try:
+        resolver = _tpu_resolver(tpu)
+        if tpu != "local":
+            tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    except Exception as error:  # the resolver raises many kinds; say one thing
+        where = repr(tpu) if tpu else "the Colab TPU"
+        message = (
+            f"Could not connect to TPU {where}: {type(error).__name__}: {error}. "
+            "Check the name and zone (`gcloud compute tpus list`), that this VM may "
+            "reach it, and that it runs a TensorFlow version matching this one; in "
+            "Colab choose Runtime > Change runtime type > TPU. To train without it, "
+            "pass distribution 'none'."
+        )
+        if named:
+            raise RuntimeError(message) from error
+        logging.warning("%s Falling back to the local devices.", message)
+        return None
+
+
+def _setup_tensorflow(mode, tpu):
+    import tensorflow as tf
+
+    if mode == "model":
+        raise ValueError(
+            "Model parallelism (sharded kernels) uses keras.distribution, which "
+            "Keras implements for the JAX backend: set KERAS_BACKEND=jax. On "
+            "TensorFlow, use mode 'data' (TPUStrategy or MirroredStrategy)."
+        )
+    if mode == "none":
+        return Placement(backend="tensorflow", mode="none", description="one device (mode 'none')")
+    named = tpu or os.environ.get("TPU_NAME")
+    hint = named if named else _tpu_hint()
+    if hint is not None:
+        strategy = connect_tpu(hint, named=bool(named))
+        if strategy is not None:
+            replicas = strategy.num_replicas_in_sync
+            return Placement(
+                backend="tensorflow", mode="data", num_replicas=replicas,
+                num_devices=replicas, strategy=strategy,
+                description=f"TPUStrategy over {replicas} TPU cores",
+            )
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        devices = [d.name for d in gpus]
+        kind = "GPUs"
+    elif mode == "data" and len(tf.config.list_logical_devices("CPU")) > 1:
+        # Logical CPU devices: how tests (and CPU-only debugging) run the
+        # multi-replica path without accelerators.
+        devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+        kind = "CPU devices"
+    else:
+        return _one_device("tensorflow", mode, "no TPU and fewer than 2 GPUs found")
+    strategy = tf.distribute.MirroredStrategy(devices)
+    return Placement(
+        backend="tensorflow", mode="data", num_replicas=len(devices), num_devices=len(devices),
+        strategy=strategy, description=f"MirroredStrategy over {len(devices)} {kind}",
+    )
+
+
+# --- JAX ----------------------------------------------------------------------
+
+
+def initialize_multi_host():
+    """Starts a multi-host JAX run when the environment describes one.
+
+    Must run before any JAX computation. Reads Keras' variables
+    (`KERAS_DISTRIBUTION_JOB_ADDRESSES`, `..._NUM_PROCESSES`,
+    `..._PROCESS_ID`) or JAX's `JAX_COORDINATOR_ADDRESS`; on a TPU pod
+    slice set `KERAS_MIXER_MULTI_HOST=1` and JAX finds the rest itself.
+    Returns whether it started one.
+    """
+    wanted = any(os.environ.get(k) for k in MULTI_HOST_ENV) or os.environ.get(
+        "KERAS_MIXER_MULTI_HOST", ""
+    ) not in ("", "0")
+    if not wanted:
+        return False
+    import jax
+
+    if jax.process_count() > 1:  # Already started (e.g. by the launcher).
+        return True
+    keras.distribution.initialize()
+    return True
+
+
+def layout_map(device_mesh):
+    """The `LayoutMap` of `ModelParallel`: which kernels the "model" axis shards.
+
+    Each MLP's first Dense is split by output units and its second by input
+    units (so one all-reduce per MLP, as in Megatron), in the token-mixing
+    and channel-mixing MLPs of every block; the head is split by class.
+    Everything else (stem, LayerNorms, second biases) is replicated. Keys
+    are the model's stable sublayer paths.
+    """
+    layouts = keras.distribution.LayoutMap(device_mesh)
+    mlp = r"block_\d+/(token|channel)_mixing"
+    layouts[mlp + r"/Dense_0/kernel"] = (None, "model")
+    layouts[mlp + r"/Dense_0/bias"] = ("model",)
+    layouts[mlp + r"/Dense_1/kernel"] = ("model", None)
+    layouts[r"head/kernel"] = (None, "model")
+    layouts[r"head/bias"] = ("model",)
+    return layouts
+
+
+class MixerModelParallel(keras.distribution.ModelParallel):
+    """`ModelParallel` that replicates a variable whose sharded dimension
+    does not divide by the mesh axis (e.g. a 21843-class head over 8
+    devices), instead of failing deep inside JAX."""
+
+    def get_variable_layout(self, variable):
+        layout = super().get_variable_layout(variable)
+        mesh = dict(zip(self.device_mesh.axis_names, self.device_mesh.shape))
+        for size, axis in zip(variable.shape, layout.axes):
+            if axis is not None and size % mesh[axis]:
+                logging.warning(
+                    "%s (shape %s) is replicated: dimension %d does not split over "
+                    "the %d devices of the %r axis.", variable.path, tuple(variable.shape),
+                    size, mesh[axis], axis,
+                )
+                return keras.distribution.TensorLayout([None] * len(variable.shape), self.device_mesh)
+        return layout
+
+
+def _setup_jax(mode, model_parallel_size):
+    import jax
+
+    initialize_multi_host()
+    devices = jax.devices()
+    count = len(devices)
+    processes, index = jax.process_count(), jax.process_index()
+    kind = f"{devices[0].platform.upper()} devices"
+    hosts = f" on {processes} hosts" if processes > 1 else ""
+    if mode == "none" or (mode in ("auto", "data") and count == 1):
+        if mode == "none" and processes > 1:
+            raise ValueError("mode 'none' cannot run on several hosts; use 'data' or 'model'.")
+        if mode == "none":
+            return Placement(backend="jax", mode="none", description="one device (mode 'none')")
+        return _one_device("jax", mode, f"JAX sees one {devices[0].platform} device")
+    keras_devices = keras.distribution.list_devices()
+    if mode in ("auto", "data"):
+        distribution = keras.distribution.DataParallel(
+            devices=keras_devices, auto_shard_dataset=False
+        )
+        return Placement(
+            backend="jax", mode="data", num_replicas=count, num_devices=count,
+            num_processes=processes, process_index=index, distribution=distribution,
+            description=f"DataParallel over {count} {kind}{hosts}",
+        )
+    size = model_parallel_size or jax.local_device_count()
+    if size < 1 or count % size:
+        raise ValueError(
+            f"model_parallel_size={size} must divide the {count} devices "
+            f"({', '.join(str(s) for s in range(1, count + 1) if count % s == 0)} do)."
+        )
+    mesh = keras.distribution.DeviceMesh(
+        shape=(count // size, size), axis_names=("batch", "model"), devices=keras_devices
+    )
+    distribution = MixerModelParallel(
+        layout_map=layout_map(mesh), batch_dim_name="batch", auto_shard_dataset=False
+    )
+    return Placement(
+        backend="jax", mode="model", num_replicas=count // size, model_parallel_size=size,
+        num_devices=count, num_processes=processes, process_index=index,
+        distribution=distribution,
+        description=f"ModelParallel over {count} {kind}{hosts}: mesh {count // size} (batch) x {size} (model)",
+    )
+
+
+# --- Planning -------------------------------------------------------------------
+
+
+def memory_per_device(variant, batch_per_replica, model_parallel_size=1, image_size=224,
+                      num_classes=1000, activation_bytes=4, state_bytes=16):
+    """Estimates one device's memory for training a paper variant, in bytes.
+
+    State: every parameter's weight, gradient and two Adam moments
+    (`state_bytes` per parameter: 16 in float32, which Keras keeps under
+    "mixed_bfloat16" too); the kernels that `layout_map` shards count
+    `1 / model_parallel_size`. Activations: the tensors a Mixer block keeps
+    for the backward pass, per image (six of tokens x channels, and the two
+    hidden layers of each MLP, sharded like their kernels), times
+    `batch_per_replica`, at `activation_bytes` (2 under "mixed_bfloat16").
+    XLA fuses and rematerialises, so treat activations as +-50%.
+
+    Returns:
+        dict with `params`, `state`, `activations` and `total` (bytes).
+    """
+    from keras_mixer.model import variant_config
+
+    config = variant_config(variant)
+    m = model_parallel_size
+    patch, blocks = config["patch_size"], config["num_blocks"]
+    c, ds, dc = config["hidden_dim"], config["tokens_mlp_dim"], config["channels_mlp_dim"]
+    s = (image_size // patch) ** 2
+    sharded = blocks * (s * ds + ds + ds * s + c * dc + dc + dc * c) + c * num_classes + num_classes
+    replicated = patch * patch * 3 * c + c + blocks * (4 * c + s + c) + 2 * c
+    params = sharded + replicated
+    state = state_bytes * (replicated + sharded / m)
+    per_image = blocks * (6 * s * c + (2 * c * ds + 2 * s * dc) / m) + 2 * s * c
+    activations = batch_per_replica * per_image * activation_bytes
+    return dict(params=params, state=state, activations=activations, total=state + activations)
