@@ -71,6 +71,16 @@ def parse_args(argv):
         "$TPU_NAME, else Colab's or this TPU VM's, if any)",
     )
     parser.add_argument(
+        "--export", nargs="+", default=[], metavar="FORMAT",
+        help="after training, export model.keras to <workdir>/export in these formats "
+        "(saved_model, tflite, onnx), each checked against Keras (keras_mixer.export)",
+    )
+    parser.add_argument(
+        "--quantization", nargs="+", default=["float32"],
+        help="with --export tflite: float32, float16, dynamic_range and/or int8 "
+        "(calibrated on evaluation images) (default: float32)",
+    )
+    parser.add_argument(
         "--eval_only", action="store_true",
         help="evaluate --checkpoint (a .keras file) on the config's eval split and exit",
     )
@@ -129,6 +139,20 @@ def main(argv=None):
             f"{results['seconds']:.0f} s on {results['backend']}"
         )
     print(f"saved {os.path.join(workdir, 'model.keras')} and {os.path.join(workdir, 'log.csv')}")
+    if args.export and placement.is_chief:
+        from keras_mixer import export
+
+        try:
+            report = export.export(
+                os.path.join(workdir, "model.keras"), os.path.join(workdir, "export"),
+                args.export, args.quantization,
+                representative_data=training.representative_images(config),
+            )
+        except export.ExportError as error:
+            print(f"export failed: {error}", file=sys.stderr)
+            sys.exit(1)
+        print(export.format_report(report))
+        results["export"] = report
     return results
 
 

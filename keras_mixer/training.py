@@ -875,6 +875,17 @@ def _train(config, workdir, verbose, placement):
     return results
 
 
+def representative_images(config, count=128):
+    """Up to `count` evaluation images of the config's data (pixels in [0, 255]),
+    for int8 calibration and export checks; None for the digits (the
+    exporter's default) or without an eval split."""
+    if config["dataset"] == "digits" or not config["eval_split"]:
+        return None
+    _, eval_ds, _, _, _ = make_datasets(resolve_config(config), min(config["batch_size"], count))
+    images = [batch[0] for batch in eval_ds.unbatch().take(count).batch(count)]
+    return keras.ops.convert_to_numpy(images[0])
+
+
 def evaluate(config, checkpoint, verbose="auto"):
     """Evaluates a saved `.keras` model on the config's eval split.
 

@@ -1,0 +1,170 @@
+"""Export: every format and quantization checked against Keras, from a model trained on this backend."""
+
+import json
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import subprocess_env
+from keras_mixer import configs, data, export, predict, training
+
+BACKEND = keras.backend.backend()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small digits Mixer trained for 10 epochs on this backend: decisive enough
+    that int8 rounding rarely flips its top-1 class."""
+    workdir = tmp_path_factory.mktemp("digits")
+    config = configs.get("digits")
+    config.update(epochs=10, model=dict(config["model"], num_blocks=2, hidden_dim=32,
+                                       tokens_mlp_dim=32, channels_mlp_dim=64))
+    training.train(config, workdir, verbose=0, distribution="none")
+    return workdir / "model.keras"
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    report = export.export(
+        trained, out, export.FORMATS, export.QUANTIZATIONS, class_names=[f"digit {i}" for i in range(10)]
+    )
+    return out, report
+
+
+def keras_logits(model_path, images):
+    model = keras.saving.load_model(model_path, compile=False)
+    return keras.ops.convert_to_numpy(model.predict(images, verbose=0))
+
+
+def test_every_format_and_quantization_passes_its_check(trained, exported):
+    out, report = exported
+    assert json.loads((out / export.REPORT).read_text()) == report
+    entries = {(e["format"], e["quantization"]): e for e in report["files"]}
+    assert set(entries) == {("saved_model", "float32"), ("onnx", "float32")} | {
+        ("tflite", q) for q in export.QUANTIZATIONS
+    }
+    for entry in report["files"]:
+        assert entry["passed"], entry
+        assert entry["size_bytes"] > 0 and entry["latency_ms_per_image"] > 0
+    assert entries[("tflite", "float32")]["max_abs_difference"] <= 1e-4
+    assert entries[("tflite", "float16")]["max_abs_difference"] <= 1e-2
+    assert entries[("tflite", "int8")]["top1_agreement"] >= 0.95
+    # Quantized files are smaller than the float32 one.
+    assert entries[("tflite", "int8")]["size_bytes"] < entries[("tflite", "float32")]["size_bytes"]
+
+    # Recompute one check here: this backend's Keras against LiteRT and ONNX Runtime.
+    images = export.default_data((8, 8, 1))[:32]
+    expected = keras_logits(trained, images)
+    got = export.load_tflite(out / "model_float32.tflite")(images)
+    assert np.abs(got - expected).max() <= 1e-4
+    got = export.load_onnx(out / "model.onnx")(images)
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_saved_model_loads_without_keras_mixer(trained, exported, tmp_path):
+    out, _ = exported
+    images = export.default_data((8, 8, 1))[:5]
+    np.save(tmp_path / "images.npy", images)
+    np.save(tmp_path / "expected.npy", keras_logits(trained, images))
+    script = f"""
+import sys
+sys.modules["keras_mixer"] = None  # importing it now fails
+import numpy as np, tensorflow as tf
+try:
+    import keras_mixer
+    raise SystemExit("keras_mixer is importable")
+except ImportError:
+    pass
+loaded = tf.saved_model.load({str(out / "saved_model")!r})
+images = np.load({str(tmp_path / "images.npy")!r})
+expected = np.load({str(tmp_path / "expected.npy")!r})
+for n in (1, 5):
+    got = loaded.serve(tf.constant(images[:n])).numpy()
+    assert got.shape == (n, 10), got.shape
+    assert np.abs(got - expected[:n]).max() <= 1e-4
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], env=subprocess_env("tensorflow"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_a_broken_export_is_caught(trained, exported):
+    out, _ = exported
+    images = export.default_data((8, 8, 1))[:32]
+    model = keras.saving.load_model(trained, compile=False)
+    head = model.get_layer("head")
+    head.bias.assign(keras.ops.convert_to_numpy(head.bias) + np.arange(10, dtype="float32"))
+    changed = keras.ops.convert_to_numpy(model.predict(images, verbose=0))
+    for kind, quantization, name in (("saved_model", "float32", "saved_model"),
+                                     ("tflite", "float32", "model_float32.tflite"),
+                                     ("tflite", "int8", "model_int8.tflite")):
+        entry = export.verify(kind, quantization, out / name, changed, images)
+        assert not entry["passed"], entry
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="patches the exporter in this process")
+def test_a_failed_check_raises_and_marks_the_file(trained, tmp_path, monkeypatch):
+    monkeypatch.setitem(export.TOLERANCES, "float32", 0.0)  # nothing exact passes
+    with pytest.raises(export.ExportError, match=r"model_float32.failed.tflite: max abs difference"):
+        export.export(trained, tmp_path, ["tflite"])
+    report = json.loads((tmp_path / export.REPORT).read_text())
+    assert report["files"][0]["passed"] is False
+    assert (tmp_path / "model_float32.failed.tflite").exists()
+    assert not (tmp_path / "model_float32.tflite").exists()
+
+
+def test_predict_prints_the_class_of_a_png(trained, exported, tmp_path):
+    out, _ = exported
+    _, (x_test, y_test) = data.load_digits()
+    scores = keras_logits(trained, x_test[:50])
+    index = int(np.flatnonzero(scores.argmax(-1) == y_test[:50])[0])  # one it gets right
+    png = tmp_path / "digit.png"
+    tf.io.write_file(str(png), tf.io.encode_png(tf.cast(tf.round(x_test[index]), tf.uint8)))
+    for model in (trained, out / "model_int8.tflite", out / "saved_model", out / "model.onnx"):
+        best = predict.predict(model, [png])[0]
+        top = f"digit {y_test[index]}" if model != trained else int(y_test[index])
+        assert best[0][0] == top, (model, best)
+        assert len(best) == 5 and abs(sum(p for _, p in best) - 1) < 0.5
+    done = subprocess.run(
+        [sys.executable, "-m", "keras_mixer.predict", "--model", str(out / "model.onnx"), str(png)],
+        env=subprocess_env(BACKEND), capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().startswith(f"{png}: digit {y_test[index]} ")
+
+
+def test_clear_errors(trained, tmp_path):
+    with pytest.raises(ValueError, match=r"Unknown export format\(s\) \['pt'\]. Valid: saved_model, tflite, onnx"):
+        export.export(trained, tmp_path, ["pt"])
+    with pytest.raises(ValueError, match=r"Unknown quantization\(s\) \['int4'\]"):
+        export.export(trained, tmp_path, ["tflite"], "int4")
+    with pytest.raises(ValueError, match="applies to TFLite: add 'tflite'"):
+        export.export(trained, tmp_path, ["onnx"], "int8")
+    with pytest.raises(ValueError, match=r"representative_data has shape \(4, 16, 16, 3\); the model takes \(N, 8, 8, 1\)"):
+        export._check_data(np.zeros((4, 16, 16, 3)), (8, 8, 1))
+    weights = tmp_path / "m.weights.h5"
+    keras.saving.load_model(trained, compile=False).save_weights(weights)
+    with pytest.raises(ValueError, match="holds weights only: pass the MLPMixer arguments as model_config"):
+        export.load_model(weights)
+    with pytest.raises(ValueError, match="is not a model keras_mixer.predict reads"):
+        predict.predict(tmp_path / "m.pt", [tmp_path / "x.png"])
+
+
+def test_missing_optional_dependency_names_the_extra(trained, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tf2onnx", None)
+    with pytest.raises(ImportError, match=r"pip install 'keras-mixer\[export\]'"):
+        export.export(trained, tmp_path, ["onnx"])
+
+
+def test_weights_file_with_config_exports(trained, tmp_path):
+    model = keras.saving.load_model(trained, compile=False)
+    model.save_weights(tmp_path / "m.weights.h5")
+    report = export.export(tmp_path / "m.weights.h5", tmp_path / "out", ["tflite"],
+                           model_config=model.get_config())
+    assert report["files"][0]["passed"]
