@@ -10,7 +10,7 @@ PYTHON=${PYTHON:-python}
 if [ "${SKIP_INSTALL:-0}" != 1 ]; then
   # Install the torch CPU build first where you can (see README): the extra's
   # range then installs nothing more.
-  "$PYTHON" -m pip install -q -e ".[test,torch,export]" || exit 1
+  "$PYTHON" -m pip install -q -e ".[test,torch,export,viz]" || exit 1
 fi
 reports=$(mktemp -d)
 status=0
