@@ -1,5 +1,7 @@
 """Evaluation: the few-shot linear probe on cases with known answers, confusion matrices."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -72,3 +74,30 @@ def test_confusion_matrix_and_report():
     # A zero head gives equal scores: top-1 is class 0, top-5 classes 0-4.
     assert report["accuracy"] == pytest.approx(np.mean(data.load_digits()[1][1] == 0))
     assert report["top5"] == pytest.approx(np.mean(data.load_digits()[1][1] < 5))
+
+
+def test_evaluate_cli_matches_keras_evaluate_and_writes_its_files(tmp_path, capsys):
+    from keras_mixer import configs, evaluate, training
+
+    config = configs.get("digits")
+    config.update(epochs=2, model=dict(config["model"], num_blocks=1, hidden_dim=16,
+                                       tokens_mlp_dim=16, channels_mlp_dim=32))
+    training.train(config, tmp_path / "run", verbose=0, distribution="none")
+    model_path = tmp_path / "run" / "model.keras"
+    assert evaluate.main(["--model", str(model_path), "--config", "digits", "--few_shot", "1", "5",
+                          "--seeds", "2", "--out_dir", str(tmp_path / "eval")]) == 0
+    results = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    expected = training.evaluate(configs.get("digits"), model_path, verbose=0)
+    assert results["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
+    assert results["top5"] == pytest.approx(expected["top5"], abs=1e-6)
+    assert results["count"] == 360 and np.sum(results["confusion_matrix"]) == 360
+    assert set(results["few_shot"]) == {"1", "5"}
+    assert len(results["few_shot"]["5"]["accuracies"]) == 2
+    assert (tmp_path / "eval" / "confusion.png").stat().st_size > 0
+    assert "5-shot linear:" in capsys.readouterr().out
+
+    other = MLPMixer(image_shape=(16, 16, 3), patch_size=4, num_blocks=1, hidden_dim=8,
+                     tokens_mlp_dim=8, channels_mlp_dim=8, num_classes=10)
+    other.save(tmp_path / "other.keras")
+    with pytest.raises(ValueError, match=r"takes \(16, 16, 3\) images; the config's data has \(8, 8, 1\)"):
+        evaluate.run(tmp_path / "other.keras", configs.get("digits"))
