@@ -90,9 +90,8 @@ def predict(model_path, image_paths, class_names=None, top=5):
     probabilities = np.exp(logits - logits.max(-1, keepdims=True))
     probabilities /= probabilities.sum(-1, keepdims=True)
     if class_names is None:
+        # Beside the file, or beside the SavedModel directory.
         names_file = pathlib.Path(model_path).parent / "class_names.json"
-        if pathlib.Path(model_path).is_dir():
-            names_file = pathlib.Path(model_path) / ".." / "class_names.json"
         if names_file.exists():
             class_names = json.loads(names_file.read_text())
     results = []
