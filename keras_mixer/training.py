@@ -645,6 +645,42 @@ def _check_variant(variant, inferred, source):
 # --- Training ------------------------------------------------------------------
 
 
+def compile_model(model, config, total_updates, warmup_steps=None, placement=None):
+    """Compiles `model` with `config`'s optimizer, schedule, loss and metrics.
+
+    This is what `train` compiles with; a notebook or script that calls
+    `model.fit` itself gets the same recipe from it. `total_updates` is the
+    number of optimizer updates the schedule spans; `warmup_steps` defaults
+    to the config's (or its `warmup_fraction` of `total_updates`).
+
+    Metrics are weighted metrics: data-parallel evaluation pads its last
+    batch with weight-0 examples (`data.pad_batches`), which plain `metrics`
+    would count. Returns `model`.
+    """
+    config = resolve_config(config)
+    if warmup_steps is None:
+        warmup_steps = config["warmup_steps"]
+        if warmup_steps is None:
+            warmup_steps = round(config["warmup_fraction"] * total_updates)
+    model.compile(
+        optimizer=make_optimizer(
+            config["learning_rate"], total_updates, warmup_steps, config["weight_decay"],
+            config["grad_clip_norm"], optimizer=config["optimizer"],
+            schedule=config["schedule"], beta_1=config["beta_1"], beta_2=config["beta_2"],
+            momentum=config["momentum"], grad_accum_steps=config["grad_accum_steps"],
+            ema_momentum=config["ema_momentum"],
+        ),
+        loss=make_loss(config["loss"], config["label_smoothing"]),
+        weighted_metrics=[
+            keras.metrics.CategoricalAccuracy(name="accuracy"),
+            keras.metrics.TopKCategoricalAccuracy(k=min(5, model.num_classes), name="top5"),
+        ],
+        jit_compile=_jit_compile(placement),
+        steps_per_execution=config["steps_per_execution"],
+    )
+    return model
+
+
 def _build_compiled_state(model, batch_size, image_shape, num_classes):
     """Builds the compiled loss, metrics and optimizer before `fit`.
 
@@ -779,25 +815,7 @@ def _train(config, workdir, verbose, placement):
         warmup = round(config["warmup_fraction"] * total_updates)
 
     model = make_model(config, image_shape, num_classes)
-    top5 = min(5, num_classes)
-    # Weighted metrics: data-parallel evaluation pads its last batch with
-    # weight-0 examples (`data.pad_batches`), which plain `metrics` would count.
-    model.compile(
-        optimizer=make_optimizer(
-            config["learning_rate"], total_updates, warmup, config["weight_decay"],
-            config["grad_clip_norm"], optimizer=config["optimizer"],
-            schedule=config["schedule"], beta_1=config["beta_1"], beta_2=config["beta_2"],
-            momentum=config["momentum"], grad_accum_steps=accum,
-            ema_momentum=config["ema_momentum"],
-        ),
-        loss=make_loss(config["loss"], config["label_smoothing"]),
-        weighted_metrics=[
-            keras.metrics.CategoricalAccuracy(name="accuracy"),
-            keras.metrics.TopKCategoricalAccuracy(k=top5, name="top5"),
-        ],
-        jit_compile=_jit_compile(placement),
-        steps_per_execution=config["steps_per_execution"],
-    )
+    compile_model(model, config, total_updates, warmup, placement)
     _build_compiled_state(model, placement.host_batch_size(micro_batch), image_shape, num_classes)
     state_dir = workdir / "checkpoints"
     state = checkpoint_lib.restore_latest(state_dir, model)

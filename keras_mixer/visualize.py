@@ -13,29 +13,23 @@ import numpy as np
 DPI = 100
 
 
-def _pyplot():
+def _figure(width, height):
+    # A bare `Figure` renders to files without pyplot: no global state, no
+    # GUI backend, and a notebook's inline plotting is left as it was.
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # Files only: no display needed.
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError as error:
         raise ImportError(
             "keras_mixer.visualize needs matplotlib: pip install 'keras-mixer[viz]'."
         ) from error
-    return plt
+    return Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
 
 
 def _save(figure, path):
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=DPI)
-    _pyplot().close(figure)
     return path
-
-
-def _figure(width, height):
-    return _pyplot().figure(figsize=(width / DPI, height / DPI), dpi=DPI)
 
 
 # --- Token-mixing units (paper Fig. 5 and 6) -------------------------------------
