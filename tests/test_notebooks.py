@@ -116,6 +116,12 @@ def notebook_env(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_MIXER_SMOKE_CHECKPOINT", str(checkpoint))
     monkeypatch.setenv("KERAS_MIXER_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Jupyter's connection files, IPython's profile and matplotlib's cache
+    # go to tmp_path: CI's home directory may be read-only.
+    for variable in ("JUPYTER_RUNTIME_DIR", "IPYTHONDIR", "MPLCONFIGDIR"):
+        directory = tmp_path / "home" / variable.lower()
+        directory.mkdir(parents=True)
+        monkeypatch.setenv(variable, str(directory))
     # The kernel imports the checkout, not some other installed copy.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
