@@ -156,5 +156,22 @@ def main(argv=None):
     return results
 
 
+def _ensure_malloc_tunables():
+    """Runs keras_mixer/runtime.py's `ensure_malloc_tunables` before the
+    package (and so Keras and a backend) is imported: it may re-execute this
+    command once, and then only the interpreter start is repeated."""
+    import importlib.util
+
+    package = importlib.util.find_spec("keras_mixer")
+    if package is None or not package.submodule_search_locations:
+        return  # Not installed: main() says so.
+    path = os.path.join(list(package.submodule_search_locations)[0], "runtime.py")
+    spec = importlib.util.spec_from_file_location("_keras_mixer_runtime", path)
+    runtime = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runtime)
+    runtime.ensure_malloc_tunables()
+
+
 if __name__ == "__main__":
+    _ensure_malloc_tunables()
     main()

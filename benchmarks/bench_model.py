@@ -1,0 +1,361 @@
+"""Images/s of keras-mixer next to the implementations users would otherwise pick.
+
+    python benchmarks/bench_model.py                          # small config, float32 + bfloat16
+    python benchmarks/bench_model.py --configs small s16 b16 --repeats 5
+    python benchmarks/bench_model.py --backends jax --dtypes float32
+
+Needs the benchmark extra (`pip install -e ".[benchmark]"`: flax, timm).
+
+One worker subprocess per Keras backend, each timing keras-mixer and that
+backend's reference in the same process, alternating between them:
+- JAX: the official Flax module (`flax_reference.py`, checked against the
+  official fixture before any timing), with optax Adam.
+- TensorFlow: the same math written in plain TensorFlow, compiled with XLA
+  (`tf.function(jit_compile=True)`), with a hand-written Adam update.
+- PyTorch: timm's `MlpMixer` (exact GELU, as timm has it) with torch.optim.Adam.
+
+Both sides of a pair run the same shapes, batch and dtype. "infer" is a
+forward pass; "train" is a full step: forward, backward, Adam update.
+keras-mixer's train step is `model.train_on_batch` after `compile` with
+`train.py`'s `jit_compile` (XLA on JAX and TensorFlow), its inference
+`model.predict_on_batch`. bfloat16 is
+Keras' "mixed_bfloat16" policy (float32 variables, bfloat16 compute), Flax
+`dtype=bfloat16`, TensorFlow bfloat16 casts, and `torch.autocast`.
+
+Each (implementation, config, dtype, mode) is timed `--repeats` times, in
+turn with its reference, `--steps` steps per timing after a warm-up; the
+table shows the median and the spread (min-max) of images/s, the ratio of
+the medians to the reference, the model's FLOP/s and the fraction of the
+backend's measured matmul peak (`gemm_peak.py`, same process and dtype).
+
+FLOPs (counted analytically, per image, multiply-adds as 2): stem
+2*T*(ph*pw*c)*C; per block, token mixing 2*C*(2*T*D_S) and channel mixing
+2*T*(2*C*D_C); head 2*C*classes. LayerNorm, GELU and the residual adds are
+left out (under 1% here). A training step counts 3x the forward FLOPs
+(forward, then gradients of activations and of weights).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+# image, patch, blocks, hidden C, tokens D_S, channels D_C, classes, batch
+CONFIGS = {
+    "small": dict(image=32, patch=4, blocks=8, hidden=256, tokens=128, channels=1024, classes=10, batch=32),
+    "s16": dict(image=224, patch=16, blocks=8, hidden=512, tokens=256, channels=2048, classes=1000, batch=8),
+    "b16": dict(image=224, patch=16, blocks=12, hidden=768, tokens=384, channels=3072, classes=1000, batch=8),
+}
+REFERENCES = {"jax": "flax", "tensorflow": "tf_xla", "torch": "timm"}
+
+
+def forward_flops(cfg):
+    tokens = (cfg["image"] // cfg["patch"]) ** 2
+    c = cfg["hidden"]
+    stem = 2 * tokens * (cfg["patch"] ** 2 * 3) * c
+    block = 2 * c * (2 * tokens * cfg["tokens"]) + 2 * tokens * (2 * c * cfg["channels"])
+    return stem + cfg["blocks"] * block + 2 * c * cfg["classes"]
+
+
+def _data(cfg, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 255, (cfg["batch"], cfg["image"], cfg["image"], 3)).astype("float32")
+    labels = rng.integers(0, cfg["classes"], cfg["batch"]).astype("int32")
+    return images, labels
+
+
+# --- keras-mixer -------------------------------------------------------------
+
+
+def keras_runner(cfg, dtype):
+    import keras
+
+    from keras_mixer import MLPMixer
+    from keras_mixer import training
+
+    keras.config.set_dtype_policy("mixed_bfloat16" if dtype == "bfloat16" else "float32")
+    model = MLPMixer(
+        image_shape=(cfg["image"], cfg["image"], 3), patch_size=cfg["patch"],
+        num_blocks=cfg["blocks"], hidden_dim=cfg["hidden"], tokens_mlp_dim=cfg["tokens"],
+        channels_mlp_dim=cfg["channels"], num_classes=cfg["classes"],
+    )
+    keras.config.set_dtype_policy("float32")
+    # XLA as `train.py` compiles (Keras' "auto" leaves TensorFlow on CPU without it).
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=training._jit_compile())
+    images, labels = _data(cfg)
+
+    def train():
+        return model.train_on_batch(images, labels)
+
+    def infer():
+        return keras.ops.convert_to_numpy(model.predict_on_batch(images))
+
+    return {"train": train, "infer": infer}
+
+
+# --- References ----------------------------------------------------------------
+
+
+def flax_runner(cfg, dtype):
+    import flax_reference
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    module = flax_reference.MlpMixer(
+        patch_size=(cfg["patch"], cfg["patch"]), num_blocks=cfg["blocks"],
+        hidden_dim=cfg["hidden"], tokens_mlp_dim=cfg["tokens"],
+        channels_mlp_dim=cfg["channels"], num_classes=cfg["classes"],
+        dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
+    )
+    images, labels = _data(cfg)
+    # The official model takes [-1, 1] inputs; keras-mixer rescales inside.
+    images = jnp.asarray(images / 127.5 - 1.0)
+    labels = jnp.asarray(labels)
+    params = module.init(jax.random.PRNGKey(0), images)
+    optimizer = optax.adam(1e-3)
+    state = {"params": params, "opt": optimizer.init(params)}
+
+    @jax.jit
+    def step(params, opt_state, x, y):
+        def loss_fn(p):
+            logits = module.apply(p, x).astype(jnp.float32)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    forward = jax.jit(module.apply)
+
+    def train():
+        state["params"], state["opt"], loss = step(state["params"], state["opt"], images, labels)
+        return float(loss)
+
+    def infer():
+        return forward(state["params"], images).block_until_ready()
+
+    return {"train": train, "infer": infer}
+
+
+def tf_xla_runner(cfg, dtype):
+    import tensorflow as tf
+
+    compute = tf.bfloat16 if dtype == "bfloat16" else tf.float32
+    rng = tf.random.Generator.from_seed(0)
+    tokens = (cfg["image"] // cfg["patch"]) ** 2
+    c, p = cfg["hidden"], cfg["patch"]
+
+    def var(shape, fan_in):
+        return tf.Variable(rng.normal(shape) / fan_in ** 0.5)
+
+    weights = {"stem_k": var((p, p, 3, c), p * p * 3), "stem_b": tf.Variable(tf.zeros([c]))}
+    for i in range(cfg["blocks"]):
+        for n in ("ln0", "ln1"):
+            weights[f"{i}{n}_g"], weights[f"{i}{n}_b"] = tf.Variable(tf.ones([c])), tf.Variable(tf.zeros([c]))
+        for name, width, hidden in (("tok", tokens, cfg["tokens"]), ("ch", c, cfg["channels"])):
+            weights[f"{i}{name}_w0"] = var((width, hidden), width)
+            weights[f"{i}{name}_b0"] = tf.Variable(tf.zeros([hidden]))
+            weights[f"{i}{name}_w1"] = var((hidden, width), hidden)
+            weights[f"{i}{name}_b1"] = tf.Variable(tf.zeros([width]))
+    weights["ln_g"], weights["ln_b"] = tf.Variable(tf.ones([c])), tf.Variable(tf.zeros([c]))
+    weights["head_w"] = tf.Variable(tf.zeros([c, cfg["classes"]]))
+    weights["head_b"] = tf.Variable(tf.zeros([cfg["classes"]]))
+    keys = sorted(weights)
+    variables = [weights[k] for k in keys]
+    moments = [(tf.Variable(tf.zeros_like(v)), tf.Variable(tf.zeros_like(v))) for v in variables]
+    step_count = tf.Variable(0.0)
+
+    def w(name):
+        return tf.cast(weights[name], compute)
+
+    def norm(x, name):
+        x = tf.cast(x, tf.float32)
+        mean, var_ = tf.nn.moments(x, axes=[-1], keepdims=True)
+        y = (x - mean) * tf.math.rsqrt(var_ + 1e-6) * weights[name + "_g"] + weights[name + "_b"]
+        return tf.cast(y, compute)
+
+    def mlp(x, prefix):
+        y = tf.nn.gelu(tf.matmul(x, w(prefix + "_w0")) + w(prefix + "_b0"), approximate=True)
+        return tf.matmul(y, w(prefix + "_w1")) + w(prefix + "_b1")
+
+    def model(images):
+        x = tf.cast(images / 127.5 - 1.0, compute)
+        x = tf.nn.conv2d(x, w("stem_k"), strides=p, padding="VALID") + w("stem_b")
+        x = tf.reshape(x, (-1, tokens, c))
+        for i in range(cfg["blocks"]):
+            y = tf.transpose(norm(x, f"{i}ln0"), (0, 2, 1))
+            x = x + tf.transpose(mlp(y, f"{i}tok"), (0, 2, 1))
+            x = x + mlp(norm(x, f"{i}ln1"), f"{i}ch")
+        x = tf.reduce_mean(norm(x, "ln"), axis=1)
+        return tf.matmul(tf.cast(x, tf.float32), weights["head_w"]) + weights["head_b"]
+
+    images, labels = _data(cfg)
+    images, labels = tf.constant(images), tf.constant(labels)
+
+    @tf.function(jit_compile=True)
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, model(x)))
+        grads = tape.gradient(loss, variables)
+        step_count.assign_add(1.0)
+        correction = tf.sqrt(1 - 0.999 ** step_count) / (1 - 0.9 ** step_count)
+        for v, g, (m, s) in zip(variables, grads, moments):
+            m.assign(0.9 * m + 0.1 * g)
+            s.assign(0.999 * s + 0.001 * tf.square(g))
+            v.assign_sub(1e-3 * correction * m / (tf.sqrt(s) + 1e-7))
+        return loss
+
+    forward = tf.function(model, jit_compile=True)
+    return {"train": lambda: float(step(images, labels)), "infer": lambda: forward(images).numpy()}
+
+
+def timm_runner(cfg, dtype):
+    import torch
+    from timm.models.mlp_mixer import MlpMixer
+
+    model = MlpMixer(
+        num_classes=cfg["classes"], img_size=cfg["image"], patch_size=cfg["patch"],
+        num_blocks=cfg["blocks"], embed_dim=cfg["hidden"],
+        mlp_ratio=(cfg["tokens"] / cfg["hidden"], cfg["channels"] / cfg["hidden"]),
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images, labels = _data(cfg)
+    x = torch.from_numpy(images / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()
+    y = torch.from_numpy(labels).long()
+    autocast = dtype == "bfloat16"
+
+    def train():
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return float(loss)
+
+    def infer():
+        model.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return model(x).float().numpy()
+
+    return {"train": train, "infer": infer}
+
+
+RUNNERS = {"keras": keras_runner, "flax": flax_runner, "tf_xla": tf_xla_runner, "timm": timm_runner}
+
+
+def _time(fn, steps):
+    fn()  # warm up: compilation, first allocation
+    fn()
+    begin = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - begin) / steps
+
+
+def worker(backend, configs, dtypes, modes, repeats, steps):
+    """Runs in a subprocess with KERAS_BACKEND=backend; prints one JSON line per result."""
+    import gemm_peak
+
+    if backend == "jax":
+        import flax_reference
+
+        diff = max(flax_reference.check_fixture())
+        if diff > 1e-5:
+            raise SystemExit(f"The Flax reference differs from the official fixture by {diff}.")
+    for name in configs:
+        cfg = CONFIGS[name]
+        for dtype in dtypes:
+            peak = gemm_peak.measure(backend, dtype)
+            runners = {impl: RUNNERS[impl](cfg, dtype) for impl in ("keras", REFERENCES[backend])}
+            for mode in modes:
+                samples = {impl: [] for impl in runners}
+                for _ in range(repeats):  # alternate: both see the same machine state
+                    for impl, fns in runners.items():
+                        samples[impl].append(cfg["batch"] / _time(fns[mode], steps))
+                for impl, values in samples.items():
+                    print("RESULT " + json.dumps(dict(
+                        backend=backend, impl=impl, config=name, dtype=dtype, mode=mode,
+                        images_per_second=values, peak_gflops=peak,
+                        gflop_per_image=forward_flops(cfg) * (3 if mode == "train" else 1) / 1e9,
+                    )), flush=True)
+
+
+def table(results):
+    rows = [f"{'backend':<10} {'malloc':<7} {'config':<6} {'dtype':<9} {'mode':<6} {'impl':<7} "
+            f"{'img/s median':>12} {'(min-max)':>15} {'x ref':>6} {'GFLOP/s':>8} {'% peak':>7}"]
+    for r in results:
+        ref = next(x for x in results if x["backend"] == r["backend"] and x["config"] == r["config"]
+                   and x["malloc"] == r["malloc"]
+                   and x["dtype"] == r["dtype"] and x["mode"] == r["mode"] and x["impl"] != "keras"
+                   ) if r["impl"] == "keras" else None
+        median = statistics.median(r["images_per_second"])
+        ratio = f"{median / statistics.median(ref['images_per_second']):.2f}" if ref else ""
+        gflops = median * r["gflop_per_image"]
+        rows.append(
+            f"{r['backend']:<10} {r['malloc']:<7} {r['config']:<6} {r['dtype']:<9} {r['mode']:<6} {r['impl']:<7} "
+            f"{median:>12.1f} {min(r['images_per_second']):>7.1f}-{max(r['images_per_second']):<7.1f} "
+            f"{ratio:>6} {gflops:>8.1f} {100 * gflops / r['peak_gflops']:>6.0f}%"
+        )
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backends", nargs="+", default=["jax", "tensorflow", "torch"])
+    parser.add_argument("--configs", nargs="+", default=["small"], choices=sorted(CONFIGS))
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--modes", nargs="+", default=["infer", "train"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--malloc", choices=["tuned", "default", "both"], default="tuned",
+        help="glibc malloc settings of the workers: keras_mixer.runtime's (what "
+             "train.py applies; the default), glibc's defaults, or both in turn")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.configs, args.dtypes, args.modes, args.repeats, args.steps)
+        return
+    import machine
+
+    print(machine.describe(), flush=True)
+    from keras_mixer import runtime
+
+    results = []
+    settings = ["tuned", "default"] if args.malloc == "both" else [args.malloc]
+    for backend in args.backends:
+        for malloc in settings:
+            command = [sys.executable, __file__, "--worker", backend, "--configs", *args.configs,
+                       "--dtypes", *args.dtypes, "--modes", *args.modes,
+                       "--repeats", str(args.repeats), "--steps", str(args.steps)]
+            env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+            env.pop("GLIBC_TUNABLES", None)
+            if malloc == "tuned":
+                env["GLIBC_TUNABLES"] = runtime.MALLOC_TUNABLES
+            run = subprocess.run(command, env=env, capture_output=True, text=True)
+            lines = [line[7:] for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+            if run.returncode:
+                print(f"{backend} worker failed:\n{run.stderr[-3000:]}", file=sys.stderr)
+            results += [dict(json.loads(line), malloc=malloc) for line in lines]
+            print(f"{backend} (malloc {malloc}): {len(lines)} results", flush=True)
+    print(table(results))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Process settings that must be in place before Python starts, applied by our entry points.
+
+glibc's malloc returns large blocks (over `mmap_threshold`) to the kernel
+when they are freed. XLA:CPU allocates a step's temporary buffer (hundreds
+of MiB for a Mixer training step) and frees it again every step, so each
+step maps fresh pages and takes a page fault per 4 KiB of them: on a
+2-core machine this was ~200 ms of kernel time in a 350 ms JAX step of the
+official Flax Mixer, and setting
+
+    GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295:glibc.malloc.arena_max=1
+
+(serve large blocks from the heap, never give the heap back) made that
+step 1.4x faster (1.2x on another 2-core machine, `benchmarks/bench_model.py
+--malloc both`). glibc reads `GLIBC_TUNABLES` once, at process start, so
+`train.py` calls `ensure_malloc_tunables()` before it imports Keras: when
+the variable is unset it sets it and re-executes the same command (once;
+the variable marks it done), which repeats only the interpreter start. The
+`python -m keras_mixer.*` commands (export, predict, evaluate) run no
+training steps and are left alone: `import keras_mixer` imports Keras, so
+a restart there would cost seconds. In a notebook, set the variable before
+the kernel starts (it cannot be changed from inside).
+
+This module imports only the standard library, so `train.py` can load it
+before the package.
+
+Opt out with `KERAS_MIXER_MALLOC_TUNABLES=0`, or by setting
+`GLIBC_TUNABLES` yourself (it is then left exactly as you set it). Only
+Linux with glibc is affected; elsewhere this does nothing. Memory: the
+heap keeps its peak size for the life of the process, which a training
+process reaches anyway.
+"""
+
+import os
+import platform
+import sys
+
+MALLOC_TUNABLES = (
+    "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295:glibc.malloc.arena_max=1"
+)
+OPT_OUT = "KERAS_MIXER_MALLOC_TUNABLES"
+
+
+def wants_malloc_tunables(environ=None):
+    """Whether `ensure_malloc_tunables` would set the variable and re-execute."""
+    environ = os.environ if environ is None else environ
+    return (
+        sys.platform.startswith("linux")
+        and platform.libc_ver()[0] == "glibc"
+        and "GLIBC_TUNABLES" not in environ
+        and environ.get(OPT_OUT, "1") != "0"
+    )
+
+
+def ensure_malloc_tunables(argv=None):
+    """Re-executes this Python command with `MALLOC_TUNABLES` when they are not set.
+
+    Call it first thing in a `__main__` block, before anything heavy is
+    imported: the process is replaced, so work done before is lost.
+    `argv` defaults to how this process was started (`sys.orig_argv`, which
+    keeps `-m module` forms).
+    """
+    if not wants_malloc_tunables():
+        return
+    os.environ["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+    argv = list(argv if argv is not None else getattr(sys, "orig_argv", [sys.executable] + sys.argv))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable] + argv[1:])

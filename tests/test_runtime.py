@@ -1,0 +1,64 @@
+"""Process settings applied by the entry points (keras_mixer.runtime)."""
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from conftest import subprocess_env
+from keras_mixer import runtime
+
+GLIBC_LINUX = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+def test_malloc_tunables_are_wanted_only_when_unset_and_not_opted_out():
+    assert runtime.wants_malloc_tunables({}) is GLIBC_LINUX
+    assert not runtime.wants_malloc_tunables({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
+    assert not runtime.wants_malloc_tunables({runtime.OPT_OUT: "0"})
+
+
+def _run(code, **env):
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**{k: v for k, v in subprocess_env("jax").items() if k != "GLIBC_TUNABLES"}, **env},
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+# runtime.py loaded by path, as train.py does: no package, no Keras.
+PROBE = (
+    "import importlib.util, os, sys; "
+    "spec = importlib.util.spec_from_file_location('r', 'keras_mixer/runtime.py'); "
+    "r = importlib.util.module_from_spec(spec); spec.loader.exec_module(r); "
+    "r.ensure_malloc_tunables(); "
+    "print(os.environ.get('GLIBC_TUNABLES', '-'), 'keras' in sys.modules)"
+)
+
+
+@pytest.mark.skipif(not GLIBC_LINUX, reason="glibc malloc settings apply to Linux with glibc only")
+def test_entry_point_re_executes_itself_once_with_the_tunables():
+    # The re-executed process sees the settings; nothing before it imported
+    # Keras, so the restart costs only the interpreter start.
+    assert _run(PROBE) == [runtime.MALLOC_TUNABLES, "False"]
+    assert _run(PROBE, **{runtime.OPT_OUT: "0"}) == ["-", "False"]
+    assert _run(PROBE, GLIBC_TUNABLES="glibc.malloc.hugetlb=1") == ["glibc.malloc.hugetlb=1", "False"]
+
+
+@pytest.mark.skipif(not GLIBC_LINUX, reason="glibc malloc settings apply to Linux with glibc only")
+@pytest.mark.parametrize("opt_out, processes", [(None, 2), ("0", 1)])
+def test_train_py_re_executes_once(tmp_path, opt_out, processes):
+    env = {k: v for k, v in subprocess_env("jax").items() if k != "GLIBC_TUNABLES"}
+    if opt_out is not None:
+        env[runtime.OPT_OUT] = opt_out
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", str(ROOT / "train.py"), "--help"], cwd=tmp_path,
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--config" in result.stdout
+    # -X importtime lists each process's imports: train.py's own `argparse`
+    # shows up once per process.
+    assert result.stderr.count("| argparse\n") == processes, result.stderr[-2000:]
