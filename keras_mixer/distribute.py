@@ -380,6 +380,24 @@ def _setup_jax(mode, model_parallel_size):
 # --- Planning -------------------------------------------------------------------
 
 
+def cpu_only():
+    """Whether this process computes on CPUs only (no GPU or TPU), on any backend."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return all(device.platform == "cpu" for device in jax.devices())
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return not (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+    if backend == "torch":
+        import torch
+
+        return not torch.cuda.is_available()
+    return False
+
+
 def memory_per_device(variant, batch_per_replica, model_parallel_size=1, image_size=224,
                       num_classes=1000, activation_bytes=4, state_bytes=16):
     """Estimates one device's memory for training a paper variant, in bytes.

@@ -66,3 +66,25 @@ def ensure_malloc_tunables(argv=None):
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable] + argv[1:])
+
+
+# /proc/cpuinfo flags of matrix instructions that compute in bfloat16.
+BF16_MATMUL_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_bf16_matmul(cpuinfo="/proc/cpuinfo"):
+    """Whether the CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX).
+
+    Without them bfloat16 matmuls are emulated: on a 2-core AVX2 machine a
+    small Mixer under "mixed_bfloat16" ran at 0.84-1.0x its float32 speed
+    on JAX, 0.82-0.87x on TensorFlow and 0.02x on PyTorch (docs/benchmarks.md). Unknown
+    (no /proc/cpuinfo) counts as having them: no warning without evidence.
+    """
+    try:
+        with open(cpuinfo) as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return any(flag in line.split() for flag in BF16_MATMUL_FLAGS)
+    except OSError:
+        pass
+    return True

@@ -1,6 +1,8 @@
 """Process settings applied by the entry points (keras_mixer.runtime)."""
 
+import glob
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -62,3 +64,24 @@ def test_train_py_re_executes_once(tmp_path, opt_out, processes):
     # -X importtime lists each process's imports: train.py's own `argparse`
     # shows up once per process.
     assert result.stderr.count("| argparse\n") == processes, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu sse avx2 avx512f", False),
+    ("fpu avx2 avx512f avx512_bf16", True),
+    ("fpu amx_tile amx_bf16", True),
+])
+def test_bf16_matrix_instructions_are_read_from_the_cpu_flags(tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n")
+    assert runtime.cpu_has_bf16_matmul(cpuinfo) is expected
+    # No evidence, no warning.
+    assert runtime.cpu_has_bf16_matmul(tmp_path / "missing") is True
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None or bool(glob.glob("/dev/accel*")),
+                    reason="this machine has a GPU or TPU")
+def test_cpu_only_on_a_machine_without_accelerators():
+    from keras_mixer import distribute
+
+    assert distribute.cpu_only() is True

@@ -137,11 +137,18 @@ def test_train_writes_log_checkpoints_and_results(tmp_path):
         training.train(tiny_config(seed=1), tmp_path, verbose=0)
 
 
-def test_options_mixed_precision_ema_accumulation_sigmoid(tmp_path):
+def test_options_mixed_precision_ema_accumulation_sigmoid(tmp_path, monkeypatch, caplog):
+    from keras_mixer import runtime
+
     config = tiny_config(mixed_precision=True, ema_momentum=0.9, grad_accum_steps=2,
                          loss="sigmoid_xent", label_smoothing=0.0, optimizer="sgd",
                          learning_rate=0.1)
-    results = training.train(config, tmp_path, verbose=0)
+    # The tests run on CPUs; as on one without bfloat16 matrix instructions,
+    # the run says that bfloat16 will be slow, and goes on.
+    monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda: False)
+    with caplog.at_level("WARNING"):
+        results = training.train(config, tmp_path, verbose=0)
+    assert "mixed_precision=True on a CPU without bfloat16 matrix instructions" in caplog.text
     # 2 epochs of 11 updates, each averaging 2 micro-batches of 64.
     assert results["steps"] == 2 * 11
     assert np.isfinite(results["test_loss"])
