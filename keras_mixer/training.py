@@ -824,12 +824,9 @@ def _train(config, workdir, verbose, placement):
     else:
         total_updates = config["epochs"] * steps_per_epoch // accum
     total = total_updates * accum
-    warmup = config["warmup_steps"]
-    if warmup is None:
-        warmup = round(config["warmup_fraction"] * total_updates)
 
     model = make_model(config, image_shape, num_classes)
-    compile_model(model, config, total_updates, warmup, placement)
+    compile_model(model, config, total_updates, placement=placement)
     _build_compiled_state(model, placement.host_batch_size(micro_batch), image_shape, num_classes)
     state_dir = workdir / "checkpoints"
     state = checkpoint_lib.restore_latest(state_dir, model)
