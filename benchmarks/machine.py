@@ -19,22 +19,12 @@ FEATURES = {
 
 
 def cpu_info():
-    """(model name, sorted matrix features present) from /proc/cpuinfo (Linux)."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name":
-                    model = value.strip()
-                elif key == "flags":
-                    flags = set(value.split())
-                if model != "unknown" and flags:
-                    break
-    except OSError:
-        pass
-    return model, [name for flag, name in FEATURES.items() if flag in flags]
+    """(model name, matrix features present), from `keras_mixer.runtime.cpu_info`."""
+    from keras_mixer import runtime
+
+    model, flags = runtime.cpu_info()
+    model = model or platform.processor() or "unknown"
+    return model, [name for flag, name in FEATURES.items() if flag in (flags or ())]
 
 
 def describe():

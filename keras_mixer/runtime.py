@@ -72,6 +72,26 @@ def ensure_malloc_tunables(argv=None):
 BF16_MATMUL_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+def cpu_info(cpuinfo="/proc/cpuinfo"):
+    """`(model name or None, set of flags or None)` of the first CPU in
+    `/proc/cpuinfo`; `(None, None)` where there is no such file (not Linux)."""
+    model = flags = None
+    try:
+        with open(cpuinfo) as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name":
+                    model = value.strip()
+                elif key == "flags":
+                    flags = set(value.split())
+                if model is not None and flags is not None:
+                    break
+    except OSError:
+        pass
+    return model, flags
+
+
 def cpu_has_bf16_matmul(cpuinfo="/proc/cpuinfo"):
     """Whether the CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX).
 
@@ -80,11 +100,5 @@ def cpu_has_bf16_matmul(cpuinfo="/proc/cpuinfo"):
     on JAX, 0.82-0.87x on TensorFlow and 0.02x on PyTorch (docs/benchmarks.md). Unknown
     (no /proc/cpuinfo) counts as having them: no warning without evidence.
     """
-    try:
-        with open(cpuinfo) as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return any(flag in line.split() for flag in BF16_MATMUL_FLAGS)
-    except OSError:
-        pass
-    return True
+    _, flags = cpu_info(cpuinfo)
+    return flags is None or any(flag in flags for flag in BF16_MATMUL_FLAGS)

@@ -75,6 +75,7 @@ def test_bf16_matrix_instructions_are_read_from_the_cpu_flags(tmp_path, flags, e
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n")
     assert runtime.cpu_has_bf16_matmul(cpuinfo) is expected
+    assert runtime.cpu_info(cpuinfo) == ("Some CPU", set(flags.split()))
     # No evidence, no warning.
     assert runtime.cpu_has_bf16_matmul(tmp_path / "missing") is True
 
