@@ -96,7 +96,7 @@ def keras_runner(cfg, dtype, gelu_approximate=True):
     # XLA as `train.py` compiles (Keras' "auto" leaves TensorFlow on CPU without it).
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=training._jit_compile())
+                  jit_compile=training.jit_compile_setting())
     images, labels = _data(cfg)
 
     def train():

@@ -399,7 +399,7 @@ def cpu_only():
 
 
 def memory_per_device(variant, batch_per_replica, model_parallel_size=1, image_size=224,
-                      num_classes=1000, activation_bytes=4, state_bytes=16):
+                      num_classes=1000, activation_bytes=4, state_bytes=16, remat=False):
     """Estimates one device's memory for training a paper variant, in bytes.
 
     State: every parameter's weight, gradient and two Adam moments
@@ -409,7 +409,9 @@ def memory_per_device(variant, batch_per_replica, model_parallel_size=1, image_s
     for the backward pass, per image (six of tokens x channels, and the two
     hidden layers of each MLP, sharded like their kernels), times
     `batch_per_replica`, at `activation_bytes` (2 under "mixed_bfloat16").
-    XLA fuses and rematerialises, so treat activations as +-50%.
+    With `remat` (`MLPMixer(remat=True)`) only each block's input is kept,
+    plus one block's activations while it is recomputed. XLA fuses and
+    rematerialises, so treat activations as +-50%.
 
     Returns:
         dict with `params`, `state`, `activations` and `total` (bytes).
@@ -425,6 +427,7 @@ def memory_per_device(variant, batch_per_replica, model_parallel_size=1, image_s
     replicated = patch * patch * 3 * c + c + blocks * (4 * c + s + c) + 2 * c
     params = sharded + replicated
     state = state_bytes * (replicated + sharded / m)
-    per_image = blocks * (6 * s * c + (2 * c * ds + 2 * s * dc) / m) + 2 * s * c
+    block = 6 * s * c + (2 * c * ds + 2 * s * dc) / m
+    per_image = (blocks * s * c + block if remat else blocks * block) + 2 * s * c
     activations = batch_per_replica * per_image * activation_bytes
     return dict(params=params, state=state, activations=activations, total=state + activations)

@@ -63,6 +63,15 @@ class StochasticDepth(layers.Layer):
     def call(self, inputs, training=False):
         if not training or self.rate == 0.0:
             return inputs
+        return inputs * self.scale(inputs)
+
+    def scale(self, inputs):
+        """Draws the training-time factor per sample: 0 or `1 / (1 - rate)`.
+
+        Shaped `(batch, 1, ..., 1)` to broadcast against `inputs`; `call`
+        multiplies by it. `MixerBlock` draws it outside a rematerialised
+        block, so that the recomputation reuses the same masks.
+        """
         keep_rate = 1.0 - self.rate
         batch = ops.shape(inputs)[0]
         mask_shape = (batch,) + (1,) * (len(inputs.shape) - 1)
@@ -71,7 +80,7 @@ class StochasticDepth(layers.Layer):
         )
         # floor(keep_rate + U[0, 1)) is 1 with probability keep_rate.
         mask = ops.floor(keep_rate + noise)
-        return inputs * (mask / keep_rate)
+        return mask / keep_rate
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -204,6 +213,11 @@ class MixerBlock(layers.Layer):
             model and timm).
         gelu_approximate: bool, tanh GELU (official) or exact GELU (timm).
         seed: int or None, seed of the stochastic depth layers.
+        remat: bool, recompute the block in the backward pass (`keras.remat`,
+            gradient checkpointing) instead of keeping its activations.
+            Stochastic-depth masks are drawn outside the recomputed part,
+            so both passes use the same ones. Not with `dropout_rate > 0`:
+            the recomputation would draw different dropout masks.
 
     Example:
     >>> block = MixerBlock(tokens_mlp_dim=8, channels_mlp_dim=64)
@@ -220,6 +234,7 @@ class MixerBlock(layers.Layer):
         layer_norm_epsilon=1e-6,
         gelu_approximate=True,
         seed=None,
+        remat=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -231,6 +246,14 @@ class MixerBlock(layers.Layer):
             raise ValueError(
                 f"`layer_norm_epsilon` must be positive, got {layer_norm_epsilon}."
             )
+        if remat and dropout_rate > 0:
+            raise ValueError(
+                f"`remat=True` cannot be combined with `dropout_rate` "
+                f"({dropout_rate}): the recomputed backward pass would draw "
+                f"other dropout masks than the forward pass. Use "
+                f"`dropout_rate=0` (the official model has no dropout; "
+                f"`stochastic_depth_rate` works with remat), or `remat=False`."
+            )
         self.tokens_mlp_dim = tokens_mlp_dim
         self.channels_mlp_dim = channels_mlp_dim
         self.dropout_rate = float(dropout_rate)
@@ -238,6 +261,7 @@ class MixerBlock(layers.Layer):
         self.layer_norm_epsilon = float(layer_norm_epsilon)
         self.gelu_approximate = bool(gelu_approximate)
         self.seed = seed
+        self.remat = bool(remat)
 
         mlp_kwargs = dict(
             dropout_rate=self.dropout_rate,
@@ -285,19 +309,35 @@ class MixerBlock(layers.Layer):
         self.built = True
 
     def call(self, inputs, training=None):
+        # Rate-0 stochastic depth (always the first block) is skipped, not
+        # called, to save the layer-call overhead of eager backends. The
+        # masks are drawn here, outside what `remat` recomputes: drawn
+        # inside, the recomputation would advance the seed generators
+        # again and use other masks (and on JAX leak a tracer).
+        scales = ()
+        if training and self.stochastic_depth_rate > 0:
+            scales = (self.token_drop.scale(inputs), self.channel_drop.scale(inputs))
+        if self.remat:
+            # `keras.remat` on a function of tensors only: `training` is a
+            # Python value closed over. (A `keras.RematScope` around the
+            # block would checkpoint `call` itself, with `training` as a
+            # traced argument on JAX and as a keyword that TensorFlow's
+            # graph-mode `recompute_grad` rejects.)
+            return keras.remat(lambda x, *s: self._mix(x, s, training))(inputs, *scales)
+        return self._mix(inputs, scales, training)
+
+    def _mix(self, inputs, scales, training):
         x = self.token_norm(inputs)
         x = ops.transpose(x, (0, 2, 1))
         x = self.token_mixing(x, training=training)
         x = ops.transpose(x, (0, 2, 1))
-        # Rate-0 stochastic depth (always the first block) is skipped, not
-        # called, to save the layer-call overhead of eager backends.
-        if self.stochastic_depth_rate > 0:
-            x = self.token_drop(x, training=training)
+        if scales:
+            x = x * scales[0]
         x = inputs + x
         y = self.channel_norm(x)
         y = self.channel_mixing(y, training=training)
-        if self.stochastic_depth_rate > 0:
-            y = self.channel_drop(y, training=training)
+        if scales:
+            y = y * scales[1]
         return x + y
 
     def compute_output_shape(self, input_shape):
@@ -313,4 +353,5 @@ class MixerBlock(layers.Layer):
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "gelu_approximate": self.gelu_approximate,
             "seed": self.seed,
+            "remat": self.remat,
         }

@@ -109,6 +109,11 @@ class MLPMixer(keras.Model):
             take raw pixels. False: it takes [-1, 1] inputs, as the
             official code does.
         seed: int or None, the seed of the stochastic depth layers.
+        remat: bool, recompute each Mixer block in the backward pass instead
+            of keeping its activations (gradient checkpointing with
+            `keras.remat`, see `MixerBlock`): less memory for about a third
+            more compute per training step. Not with `dropout_rate > 0`.
+            `benchmarks/bench_memory.py` measures the saving.
         dtype: dtype or `keras.DTypePolicy` of the layers (None: the global
             policy).
         name: str, the model's name.
@@ -136,6 +141,7 @@ class MLPMixer(keras.Model):
         gelu_approximate=True,
         include_preprocessing=True,
         seed=None,
+        remat=False,
         dtype=None,
         name="mlp_mixer",
         **kwargs,
@@ -186,6 +192,7 @@ class MLPMixer(keras.Model):
                 gelu_approximate=gelu_approximate,
                 seed=None if seed is None else seed + 2 * i,
                 dtype=dtype,
+                remat=remat,
                 name=f"block_{i}",
             )(x)
         x = layers.LayerNormalization(
@@ -221,6 +228,7 @@ class MLPMixer(keras.Model):
         self.gelu_approximate = bool(gelu_approximate)
         self.include_preprocessing = bool(include_preprocessing)
         self.seed = seed
+        self.remat = bool(remat)
         self.num_tokens = num_tokens
 
     def call(self, inputs, training=None, mask=None):
@@ -317,7 +325,7 @@ class MLPMixer(keras.Model):
             "image_shape", "patch_size", "num_blocks", "hidden_dim",
             "tokens_mlp_dim", "channels_mlp_dim", "num_classes", "dropout_rate",
             "stochastic_depth_rate", "layer_norm_epsilon", "gelu_approximate",
-            "include_preprocessing", "seed", "dtype", "name",
+            "include_preprocessing", "seed", "remat", "dtype", "name",
         )
 
     def get_config(self):
@@ -338,6 +346,7 @@ class MLPMixer(keras.Model):
             "gelu_approximate": self.gelu_approximate,
             "include_preprocessing": self.include_preprocessing,
             "seed": self.seed,
+            "remat": self.remat,
         }
 
     @classmethod

@@ -359,7 +359,13 @@ def make_loss(kind, label_smoothing=0.0):
     )
 
 
-def _jit_compile(placement=None):
+def jit_compile_setting(placement=None):
+    """The `jit_compile` argument `compile_model` gives `model.compile`.
+
+    True (XLA) on TensorFlow without a distribution strategy, Keras' "auto"
+    elsewhere. Public so that benchmarks and notebooks compile a model as
+    `train.py` does.
+    """
     # Keras' "auto" turns XLA off for TensorFlow on CPU-only machines, but
     # with XLA a digits step took 17 ms instead of 26 on 2 CPU cores. On
     # PyTorch True would mean torch.compile, which was slower there. Under
@@ -675,7 +681,7 @@ def compile_model(model, config, total_updates, warmup_steps=None, placement=Non
             keras.metrics.CategoricalAccuracy(name="accuracy"),
             keras.metrics.TopKCategoricalAccuracy(k=min(5, model.num_classes), name="top5"),
         ],
-        jit_compile=_jit_compile(placement),
+        jit_compile=jit_compile_setting(placement),
         steps_per_execution=config["steps_per_execution"],
     )
     return model
@@ -940,6 +946,6 @@ def evaluate(config, checkpoint, verbose="auto"):
             keras.metrics.CategoricalAccuracy(name="accuracy"),
             keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
         ],
-        jit_compile=_jit_compile(),
+        jit_compile=jit_compile_setting(),
     )
     return {k: float(v) for k, v in model.evaluate(eval_ds, return_dict=True, verbose=verbose).items()}

@@ -209,6 +209,13 @@ def test_memory_estimate_counts_the_real_parameters():
     sharded = distribute.memory_per_device("S/32", batch_per_replica=8, model_parallel_size=4)
     assert sharded["state"] == pytest.approx(16 * (model.count_params() - split + split / 4))
     assert sharded["activations"] < estimate["activations"]
+    # remat keeps each block's input (tokens x channels) and one block's
+    # activations; S/32 has 8 blocks, 49 tokens, 512 channels.
+    remat = distribute.memory_per_device("S/32", batch_per_replica=8, remat=True)
+    assert remat["state"] == estimate["state"]
+    saved = estimate["activations"] - remat["activations"]
+    per_block = (estimate["activations"] / 8 / 4 - 2 * 49 * 512) / 8
+    assert saved == pytest.approx(8 * 4 * (7 * per_block - 8 * 49 * 512))
 
 
 @pytest.mark.skipif(BACKEND == "tensorflow", reason="tpu= is TensorFlow's argument")

@@ -175,6 +175,43 @@ def test_model_round_trips_fits_and_saves(tmp_path):
     assert isinstance(reloaded.get_layer("block_1"), MixerBlock)
 
 
+def _train_weights(model, x, y, steps=2):
+    from keras_mixer import training
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=training.jit_compile_setting(),
+    )
+    losses = [float(model.train_on_batch(x, y)) for _ in range(steps)]
+    return losses, [np.array(w) for w in model.get_weights()]
+
+
+def test_remat_trains_exactly_like_the_plain_model(tmp_path):
+    # Same seeds, so the same stochastic-depth masks: a rematerialised block
+    # that drew its masks again in the backward pass would give other
+    # gradients. Compiled as train.py compiles (XLA on TensorFlow).
+    x = np.random.RandomState(0).uniform(0, 255, (8, 16, 16, 3)).astype("float32")
+    y = np.arange(8) % 5
+    results = []
+    for remat in (False, True):
+        keras.utils.set_random_seed(3)
+        model = tiny(num_blocks=3, stochastic_depth_rate=0.5, seed=7, remat=remat)
+        results.append(_train_weights(model, x, y))
+    (plain_losses, plain_weights), (remat_losses, remat_weights) = results
+    np.testing.assert_allclose(remat_losses, plain_losses, rtol=1e-5)
+    assert plain_losses[1] != plain_losses[0]
+    for a, b in zip(plain_weights, remat_weights):
+        np.testing.assert_allclose(b, a, atol=1e-5)
+    reloaded = check_model(tiny(remat=True, stochastic_depth_rate=0.1, seed=1), x, y, tmp_path)
+    assert all(reloaded.get_layer(f"block_{i}").remat for i in range(2))
+
+
+def test_remat_with_dropout_is_refused():
+    with pytest.raises(ValueError, match=r"`remat=True` cannot be combined with `dropout_rate`.*dropout_rate=0"):
+        tiny(remat=True, dropout_rate=0.1)
+
+
 # --- Bad input ---------------------------------------------------------------
 
 
