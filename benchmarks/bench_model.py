@@ -13,6 +13,9 @@ backend's reference in the same process, alternating between them:
 - TensorFlow: the same math written in plain TensorFlow, compiled with XLA
   (`tf.function(jit_compile=True)`), with a hand-written Adam update.
 - PyTorch: timm's `MlpMixer` (exact GELU, as timm has it) with torch.optim.Adam.
+  With `--torch_compile`, also keras-mixer compiled with `jit_compile=True`
+  (torch.compile with Inductor) as "keras_tc"; the default is eager, as
+  `train.py` runs it.
 
 Both sides of a pair run the same shapes, batch, dtype and GELU: against
 timm, keras-mixer is built with `gelu_approximate=False` (timm's exact
@@ -79,7 +82,7 @@ def _data(cfg, seed=0):
 # --- keras-mixer -------------------------------------------------------------
 
 
-def keras_runner(cfg, dtype, gelu_approximate=True):
+def keras_runner(cfg, dtype, gelu_approximate=True, jit_compile=None):
     import keras
 
     from keras_mixer import MLPMixer
@@ -96,7 +99,7 @@ def keras_runner(cfg, dtype, gelu_approximate=True):
     # XLA as `train.py` compiles (Keras' "auto" leaves TensorFlow on CPU without it).
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=training.jit_compile_setting())
+                  jit_compile=training.jit_compile_setting() if jit_compile is None else jit_compile)
     images, labels = _data(cfg)
 
     def train():
@@ -269,7 +272,7 @@ def _time(fn, steps):
     return (time.perf_counter() - begin) / steps
 
 
-def worker(backend, configs, dtypes, modes, repeats, steps):
+def worker(backend, configs, dtypes, modes, repeats, steps, torch_compile=False):
     """Runs in a subprocess with KERAS_BACKEND=backend; prints one JSON line per result."""
     import gemm_peak
 
@@ -287,6 +290,10 @@ def worker(backend, configs, dtypes, modes, repeats, steps):
             # model (Flax, and the TF code written after it) the tanh one.
             runners = {"keras": keras_runner(cfg, dtype, gelu_approximate=backend != "torch"),
                        REFERENCES[backend]: RUNNERS[REFERENCES[backend]](cfg, dtype)}
+            if torch_compile and backend == "torch":
+                # keras-mixer under `jit_compile=True`: torch.compile (Inductor).
+                runners["keras_tc"] = keras_runner(cfg, dtype, gelu_approximate=False,
+                                                   jit_compile=True)
             for mode in modes:
                 samples = {impl: [] for impl in runners}
                 for _ in range(repeats):  # alternate: both see the same machine state
@@ -301,18 +308,19 @@ def worker(backend, configs, dtypes, modes, repeats, steps):
 
 
 def table(results):
-    rows = [f"{'backend':<10} {'malloc':<7} {'config':<6} {'dtype':<9} {'mode':<6} {'impl':<7} "
+    rows = [f"{'backend':<10} {'malloc':<7} {'config':<6} {'dtype':<9} {'mode':<6} {'impl':<8} "
             f"{'img/s median':>12} {'(min-max)':>15} {'x ref':>6} {'GFLOP/s':>8} {'% peak':>7}"]
     for r in results:
+        reference = REFERENCES[r["backend"]]
         ref = next(x for x in results if x["backend"] == r["backend"] and x["config"] == r["config"]
                    and x["malloc"] == r["malloc"]
-                   and x["dtype"] == r["dtype"] and x["mode"] == r["mode"] and x["impl"] != "keras"
-                   ) if r["impl"] == "keras" else None
+                   and x["dtype"] == r["dtype"] and x["mode"] == r["mode"] and x["impl"] == reference
+                   ) if r["impl"] != reference else None
         median = statistics.median(r["images_per_second"])
         ratio = f"{median / statistics.median(ref['images_per_second']):.2f}" if ref else ""
         gflops = median * r["gflop_per_image"]
         rows.append(
-            f"{r['backend']:<10} {r['malloc']:<7} {r['config']:<6} {r['dtype']:<9} {r['mode']:<6} {r['impl']:<7} "
+            f"{r['backend']:<10} {r['malloc']:<7} {r['config']:<6} {r['dtype']:<9} {r['mode']:<6} {r['impl']:<8} "
             f"{median:>12.1f} {min(r['images_per_second']):>7.1f}-{max(r['images_per_second']):<7.1f} "
             f"{ratio:>6} {gflops:>8.1f} {100 * gflops / r['peak_gflops']:>6.0f}%"
         )
@@ -331,11 +339,16 @@ def main(argv=None):
         "--malloc", choices=["tuned", "default", "both"], default="tuned",
         help="glibc malloc settings of the workers: keras_mixer.runtime's (what "
              "train.py applies; the default), glibc's defaults, or both in turn")
+    parser.add_argument(
+        "--torch_compile", action="store_true",
+        help="on PyTorch, also time keras-mixer compiled with jit_compile=True "
+             "(torch.compile; needs a C++ compiler) as the impl keras_tc")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.configs, args.dtypes, args.modes, args.repeats, args.steps)
+        worker(args.worker, args.configs, args.dtypes, args.modes, args.repeats, args.steps,
+               args.torch_compile)
         return
     import machine
 
@@ -349,6 +362,8 @@ def main(argv=None):
             command = [sys.executable, __file__, "--worker", backend, "--configs", *args.configs,
                        "--dtypes", *args.dtypes, "--modes", *args.modes,
                        "--repeats", str(args.repeats), "--steps", str(args.steps)]
+            if args.torch_compile:
+                command.append("--torch_compile")
             env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
             env.pop("GLIBC_TUNABLES", None)
             if malloc == "tuned":

@@ -2,11 +2,21 @@
 
     python benchmarks/gemm_peak.py
     python benchmarks/gemm_peak.py --size 4096 --backends torch
+    python benchmarks/gemm_peak.py --config b16 --dtypes float32
 
 Times an n x n by n x n matmul (2 n^3 FLOPs) in each backend's own library
 (XLA:CPU for JAX, TensorFlow's Eigen/oneDNN, PyTorch's BLAS/oneDNN), one
 subprocess per backend, after a warm-up; the median of `--repeats`. This is
 the peak `bench_model.py` reports the models' FLOP/s against.
+
+With `--config` (one of `bench_model.py`'s), it times instead the matmuls
+of that config's training step at their real shapes, alone: for each of the
+model's GEMMs (stem, token-mixing and channel-mixing Dense layers, head),
+the forward product and the two of its backward pass (gradients of the
+input and of the kernel), each counted as often as the model runs it. The
+total FLOPs over the total time is the most a training step could reach
+if everything but its matmuls were free: the ceiling to read a model's
+"% of peak" against (shapes such as 196 tokens run below the square peak).
 """
 
 import argparse
@@ -17,42 +27,79 @@ import sys
 import time
 
 
-def _matmul(backend, dtype, n):
-    """A zero-argument function running one n x n matmul to completion."""
+def _matmul(backend, dtype, m, k=None, n=None):
+    """A zero-argument function running one (m, k) @ (k, n) matmul to completion."""
     import numpy as np
 
-    a = np.random.default_rng(0).standard_normal((n, n)).astype("float32")
+    k, n = k or m, n or m
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((m, k)).astype("float32")
+    b = rng.standard_normal((k, n)).astype("float32")
     if backend == "jax":
         import jax
         import jax.numpy as jnp
 
-        x = jnp.asarray(a, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
-        f = jax.jit(lambda x: x @ x)
-        return lambda: f(x).block_until_ready()
+        x, y = (jnp.asarray(v, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+                for v in (a, b))
+        f = jax.jit(lambda x, y: x @ y)
+        return lambda: f(x, y).block_until_ready()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        x = tf.cast(tf.constant(a), tf.bfloat16 if dtype == "bfloat16" else tf.float32)
-        f = tf.function(lambda x: tf.matmul(x, x), jit_compile=True)
-        return lambda: f(x).numpy()
+        x, y = (tf.cast(tf.constant(v), tf.bfloat16 if dtype == "bfloat16" else tf.float32)
+                for v in (a, b))
+        f = tf.function(lambda x, y: tf.matmul(x, y), jit_compile=True)
+        return lambda: f(x, y).numpy()
     if backend == "torch":
         import torch
 
-        x = torch.from_numpy(a).to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
-        return lambda: torch.matmul(x, x)
+        x, y = (torch.from_numpy(v).to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+                for v in (a, b))
+        return lambda: torch.matmul(x, y)
     raise ValueError(f"Unknown backend {backend!r}.")
 
 
-def measure(backend, dtype, n=2048, repeats=5):
-    """Median GFLOP/s of an n x n matmul in this process."""
-    run = _matmul(backend, dtype, n)
+def _median_seconds(run, repeats):
     run()
     times = []
     for _ in range(repeats):
         begin = time.perf_counter()
         run()
         times.append(time.perf_counter() - begin)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
+    return statistics.median(times)
+
+
+def measure(backend, dtype, n=2048, repeats=5):
+    """Median GFLOP/s of an n x n matmul in this process."""
+    return 2 * n ** 3 / _median_seconds(_matmul(backend, dtype, n), repeats) / 1e9
+
+
+def training_gemms(cfg):
+    """(m, k, n, count) of every matmul in a training step of a Mixer config."""
+    batch, tokens = cfg["batch"], (cfg["image"] // cfg["patch"]) ** 2
+    c, blocks = cfg["hidden"], cfg["blocks"]
+    forward = [  # (rows, inputs, outputs, times per step)
+        (batch * tokens, cfg["patch"] ** 2 * 3, c, 1),   # stem (a strided conv = a GEMM)
+        (batch * c, tokens, cfg["tokens"], blocks),      # token mixing, Dense_0
+        (batch * c, cfg["tokens"], tokens, blocks),      # token mixing, Dense_1
+        (batch * tokens, c, cfg["channels"], blocks),    # channel mixing, Dense_0
+        (batch * tokens, cfg["channels"], c, blocks),    # channel mixing, Dense_1
+        (batch, c, cfg["classes"], 1),                   # head
+    ]
+    gemms = []
+    for m, k, n, count in forward:
+        # y = x @ w; dx = dy @ w.T; dw = x.T @ dy
+        gemms += [(m, k, n, count), (m, n, k, count), (k, m, n, count)]
+    return gemms
+
+
+def measure_training_gemms(backend, dtype, cfg, repeats=3):
+    """GFLOP/s of a training step's matmuls alone: their FLOPs over their summed time."""
+    flops = seconds = 0.0
+    for m, k, n, count in training_gemms(cfg):
+        seconds += count * _median_seconds(_matmul(backend, dtype, m, k, n), repeats)
+        flops += count * 2 * m * k * n
+    return flops / seconds / 1e9
 
 
 def main(argv=None):
@@ -61,21 +108,31 @@ def main(argv=None):
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--config", help="time this bench_model.py config's training matmuls instead")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     if args.worker:
         for dtype in args.dtypes:
-            print(f"RESULT {args.worker} {dtype} {measure(args.worker, dtype, args.size, args.repeats):.1f}")
+            if args.config:
+                import bench_model
+
+                value = measure_training_gemms(args.worker, dtype, bench_model.CONFIGS[args.config])
+            else:
+                value = measure(args.worker, dtype, args.size, args.repeats)
+            print(f"RESULT {args.worker} {dtype} {value:.1f}")
         return
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import machine
 
     print(machine.describe())
-    print(f"{'backend':<12} {'dtype':<10} {'GFLOP/s':>8}   ({args.size}x{args.size} matmul)")
+    what = (f"{args.config}'s training-step matmuls at their shapes" if args.config
+            else f"{args.size}x{args.size} matmul")
+    print(f"{'backend':<12} {'dtype':<10} {'GFLOP/s':>8}   ({what})")
     for backend in args.backends:
+        extra = ["--config", args.config] if args.config else []
         run = subprocess.run(
             [sys.executable, __file__, "--worker", backend, "--dtypes", *args.dtypes,
-             "--size", str(args.size), "--repeats", str(args.repeats)],
+             "--size", str(args.size), "--repeats", str(args.repeats), *extra],
             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True, text=True,
         )
         for line in run.stdout.splitlines():

@@ -3,6 +3,7 @@
 import keras
 from keras import layers
 
+from keras_mixer.layers import LayerNorm
 from keras_mixer.layers import MixerBlock
 from keras_mixer.layers import _check_positive_int
 from keras_mixer.layers import _check_rate
@@ -195,7 +196,7 @@ class MLPMixer(keras.Model):
                 remat=remat,
                 name=f"block_{i}",
             )(x)
-        x = layers.LayerNormalization(
+        x = LayerNorm(
             epsilon=layer_norm_epsilon, dtype=dtype, name="pre_head_layer_norm"
         )(x)
         x = layers.GlobalAveragePooling1D(dtype=dtype, name="pre_logits")(x)

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import keras
 
+from keras_mixer import LayerNorm
 from keras_mixer import MixerBlock
 from keras_mixer import MLPBlock
 from keras_mixer import StochasticDepth
@@ -55,6 +56,34 @@ def test_mixer_block_matches_numpy():
     y = np_layer_norm(h, to_numpy(ln1.gamma), to_numpy(ln1.beta), 1e-6)
     expected = h + mlp(y, cm)
     np.testing.assert_allclose(to_numpy(block(x)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_norm_checks():
+    check_layer(LayerNorm, {"epsilon": 1e-6}, (2, 5, 8))
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_layer_norm_matches_keras_layer_normalization(policy):
+    # Same weights and config as Keras' layer; only the formula differs (for
+    # XLA), so the outputs must agree to rounding, under mixed precision too.
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3, 7, 16)) * 4 + 2).astype("float32")
+    ours = LayerNorm(epsilon=1e-6, dtype=policy)
+    theirs = keras.layers.LayerNormalization(epsilon=1e-6, dtype=policy)
+    ours.build(x.shape)
+    theirs.build(x.shape)
+    weights = [rng.standard_normal(16).astype("float32") for _ in range(2)]
+    ours.set_weights(weights)
+    theirs.set_weights(weights)
+    assert [w.name for w in ours.weights] == [w.name for w in theirs.weights] == ["gamma", "beta"]
+    got, want = to_numpy(ours(x)).astype("float32"), to_numpy(theirs(x)).astype("float32")
+    assert got.dtype == want.dtype
+    np.testing.assert_allclose(got, want, atol=1e-5 if policy == "float32" else 3e-2)
+    np.testing.assert_allclose(
+        to_numpy(LayerNorm(epsilon=1e-6)(x)), np_layer_norm(x, 1.0, 0.0, 1e-6), atol=1e-5
+    )
+    with pytest.raises(ValueError, match="last axis only"):
+        LayerNorm(axis=1)
 
 
 def test_stochastic_depth_identity_at_inference():
