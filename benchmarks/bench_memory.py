@@ -22,8 +22,8 @@ kernel's resident-set counters (`/proc/self/status`):
 All three are above the baseline, in GiB. Next to them the analytic
 estimate of `keras_mixer.distribute.memory_per_device` (what
 `memory_estimate.py` prints). Settings: "plain" (float32), "remat" (each
-Mixer block recomputed in the backward pass: `MLPMixer(remat=True)`, built
-with `keras.RematScope`), "bf16" (the "mixed_bfloat16" policy:
+Mixer block recomputed in the backward pass: `MLPMixer(remat=True)`,
+through `keras.remat`), "bf16" (the "mixed_bfloat16" policy:
 bfloat16 activations, float32 weights and optimizer state), and both.
 
 RSS counts what the process touched, including memory that the
