@@ -293,7 +293,8 @@ class MLPMixer(keras.Model):
         return cls(image_shape=image_shape, num_classes=num_classes, **config)
 
     @classmethod
-    def from_checkpoint(cls, source, num_classes=None, image_shape=None, **overrides):
+    def from_checkpoint(cls, source, num_classes=None, image_shape=None,
+                        pretrained_image_shape=None, **overrides):
         """Builds the model of an official checkpoint, inferring its variant.
 
         Args:
@@ -305,6 +306,11 @@ class MLPMixer(keras.Model):
             image_shape: None (the pretraining size) or K times it per side
                 (integer K): the token-mixing MLPs are adapted as in the
                 paper's Appendix C.
+            pretrained_image_shape: the size the checkpoint was trained at.
+                Needed only for a non-square token grid built at another
+                size: a checkpoint stores its token count, not its grid, so
+                a square grid, or `image_shape` when its grid has that
+                count, is taken otherwise.
             **overrides: other `MLPMixer` arguments (e.g.
                 `stochastic_depth_rate=0.1`), or `cache_dir` / `mirror`.
 
@@ -317,7 +323,8 @@ class MLPMixer(keras.Model):
         from keras_mixer import weights
 
         return weights.from_checkpoint(
-            source, num_classes=num_classes, image_shape=image_shape, **overrides
+            source, num_classes=num_classes, image_shape=image_shape,
+            pretrained_image_shape=pretrained_image_shape, **overrides
         )
 
     @staticmethod

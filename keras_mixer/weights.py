@@ -278,12 +278,30 @@ def read_npz(path):
         ) from None
 
 
-def _cache_dir(cache_dir=None):
-    if cache_dir:
-        return pathlib.Path(cache_dir)
+def keras_home():
+    """Keras' home folder, resolved the way Keras resolves it at import:
+    `$KERAS_HOME`, else `~/.keras`, else `/tmp/.keras` when the home folder
+    is not writable (a read-only CI or container home). Read at call time,
+    so a changed `HOME` or `KERAS_HOME` is seen; Keras keeps the value in a
+    private function, which this does not call."""
+    if "KERAS_HOME" in os.environ:
+        return pathlib.Path(os.environ["KERAS_HOME"])
+    base = os.path.expanduser("~")
+    if not os.access(base, os.W_OK):
+        base = "/tmp"
+    return pathlib.Path(base) / ".keras"
+
+
+def default_cache_dir():
+    """Where released checkpoints are kept: `$KERAS_MIXER_CACHE`, else
+    `<keras_home()>/mixer_models` (by default `~/.keras/mixer_models`)."""
     if os.environ.get("KERAS_MIXER_CACHE"):
         return pathlib.Path(os.environ["KERAS_MIXER_CACHE"])
-    return pathlib.Path(keras.config.keras_home()) / "mixer_models"
+    return keras_home() / "mixer_models"
+
+
+def _cache_dir(cache_dir=None):
+    return pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
 
 
 def fetch_official(name, cache_dir=None, mirror=None, timeout=10.0):
@@ -291,8 +309,9 @@ def fetch_official(name, cache_dir=None, mirror=None, timeout=10.0):
 
     Args:
         name: one of `RELEASED`, e.g. "imagenet21k/Mixer-B_16".
-        cache_dir: where files are kept (default: `$KERAS_MIXER_CACHE`, else
-            `~/.keras/mixer_models`), as `<cache_dir>/<set>/<file>.npz`.
+        cache_dir: where files are kept (default: `default_cache_dir()`:
+            `$KERAS_MIXER_CACHE`, else `mixer_models/` under Keras' home,
+            `$KERAS_HOME` or `~/.keras`), as `<cache_dir>/<set>/<file>.npz`.
         mirror: a base URL or a local folder holding `<set>/<file>.npz`
             (default: `$KERAS_MIXER_MIRROR`, else the official bucket).
         timeout: seconds to wait for the server before giving up.
@@ -409,15 +428,30 @@ def write_npz(path, arrays):
 # --- Architecture from parameters, heads and resolution -------------------------
 
 
-def official_config(params, image_shape=None):
-    """Infers `MLPMixer` arguments from official parameter shapes.
+def _grid_tokens(image_shape, patch):
+    return (image_shape[0] // patch[0]) * (image_shape[1] // patch[1])
 
-    The token count gives the pretraining grid; it is taken as square
-    unless `image_shape` (of the pretraining) says otherwise.
+
+def official_config(params, image_shape=None, pretrained_image_shape=None):
+    """Infers `MLPMixer` arguments, at the pretraining size, from official parameter shapes.
+
+    A checkpoint stores its token count, not its grid. The pretraining
+    image shape is `pretrained_image_shape` when given; else `image_shape`
+    when its token grid has the checkpoint's token count (the model is
+    built at the size it was trained at); else the square grid of that
+    count. A non-square checkpoint used at another size (Appendix C) needs
+    `pretrained_image_shape`, and the error says so.
+
+    Args:
+        params: the official mapping.
+        image_shape: the shape the model is wanted at, or None.
+        pretrained_image_shape: (height, width, channels) the checkpoint was
+            trained at, or None.
 
     Returns:
-        dict with image_shape, patch_size, num_blocks, hidden_dim,
-        tokens_mlp_dim, channels_mlp_dim and num_classes (None without a head).
+        dict with image_shape (of the pretraining), patch_size, num_blocks,
+        hidden_dim, tokens_mlp_dim, channels_mlp_dim and num_classes (None
+        without a head).
     """
     params = _strip_prefix(dict(params), "params/")
     needed = ("stem/kernel", "MixerBlock_0/token_mixing/Dense_0/kernel",
@@ -429,28 +463,36 @@ def official_config(params, image_shape=None):
             f"(found e.g. {', '.join(sorted(params)[:5])})."
         )
     patch_h, patch_w, channels, hidden = np.shape(params["stem/kernel"])
+    patch = (patch_h, patch_w)
     num_blocks = 0
     while f"MixerBlock_{num_blocks}/token_mixing/Dense_0/kernel" in params:
         num_blocks += 1
     num_tokens, tokens_mlp_dim = np.shape(params["MixerBlock_0/token_mixing/Dense_0/kernel"])
     channels_mlp_dim = np.shape(params["MixerBlock_0/channel_mixing/Dense_0/kernel"])[1]
     head = params.get("head/kernel")
-    if image_shape is not None:
+    side = int(round(num_tokens ** 0.5))
+    if pretrained_image_shape is not None:
+        height, width = pretrained_image_shape[:2]
+        if _grid_tokens(pretrained_image_shape, patch) != num_tokens:
+            raise ValueError(
+                f"pretrained_image_shape {tuple(pretrained_image_shape)} with patch "
+                f"{patch} gives {_grid_tokens(pretrained_image_shape, patch)} tokens; "
+                f"the checkpoint has {num_tokens}. Pass the size it was trained at."
+            )
+    elif image_shape is not None and _grid_tokens(image_shape, patch) == num_tokens:
         height, width = image_shape[:2]
-        if (height // patch_h) * (width // patch_w) != num_tokens:
-            raise ValueError(
-                f"image_shape {tuple(image_shape)} with patch ({patch_h}, {patch_w}) "
-                f"gives {(height // patch_h) * (width // patch_w)} tokens; the "
-                f"checkpoint has {num_tokens}."
-            )
-    else:
-        side = int(round(num_tokens ** 0.5))
-        if side * side != num_tokens:
-            raise ValueError(
-                f"The checkpoint has {num_tokens} tokens, not a square grid: pass "
-                "the pretraining image_shape."
-            )
+    elif side * side == num_tokens:
         height, width = side * patch_h, side * patch_w
+    else:
+        wanted = "" if image_shape is None else (
+            f" image_shape {tuple(image_shape)} gives {_grid_tokens(image_shape, patch)} tokens,"
+            " so it is not the pretraining size either;")
+        raise ValueError(
+            f"The checkpoint has {num_tokens} tokens of patch {patch}, not a square "
+            f"grid, so its pretraining image size cannot be inferred;{wanted} pass "
+            "pretrained_image_shape=(height, width, channels), the size the "
+            "checkpoint was trained at."
+        )
     return dict(
         image_shape=(int(height), int(width), int(channels)),
         patch_size=(int(patch_h), int(patch_w)),
@@ -591,11 +633,11 @@ def reset_head(model, num_classes):
     return _build(config, _set_head(_numpy_params(model), config, num_classes))
 
 
-def from_checkpoint(source, num_classes=None, image_shape=None, cache_dir=None, mirror=None,
-                    **overrides):
+def from_checkpoint(source, num_classes=None, image_shape=None, pretrained_image_shape=None,
+                    cache_dir=None, mirror=None, **overrides):
     """Builds the `MLPMixer` of an official checkpoint; see `MLPMixer.from_checkpoint`."""
     params = read_official(source, cache_dir, mirror)
-    config = official_config(params)
+    config = official_config(params, image_shape, pretrained_image_shape)
     base_shape = config["image_shape"]
     if num_classes is None:
         num_classes = config["num_classes"]

@@ -227,3 +227,116 @@ def test_a_damaged_cache_file_is_downloaded_again(official_npz, tmp_path, caplog
     got = weights.fetch_official(NAME, cache_dir=tmp_path / "cache", mirror=str(tmp_path / "mirror"))
     assert got == cached and "is damaged" in caplog.text
     assert set(weights.read_npz(got)) == set(weights.read_npz(path))
+
+
+def _user_env(home):
+    """A user's environment: HOME at `home`, none of the project's or Keras'
+    cache variables, and every HTTPS request sent to a closed local port, so
+    that the default URL fails as it does offline (and never downloads)."""
+    import os
+    import socket
+
+    from conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("KERAS_MIXER_") and k != "KERAS_HOME"
+           and k.lower() not in ("no_proxy", "https_proxy", "http_proxy", "all_proxy")}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env.update(HOME=str(home), https_proxy=f"http://127.0.0.1:{port}",
+               PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+    return env
+
+
+def test_default_cache_offline_names_the_url_and_the_file_to_place(tmp_path):
+    """`MLPMixer.from_checkpoint(NAME)` as the README writes it, in a fresh
+    process: no cache_dir, no KERAS_MIXER_CACHE, no KERAS_HOME."""
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    code = ("from keras_mixer import MLPMixer\n"
+            f"MLPMixer.from_checkpoint({NAME!r})\n")
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code], env=_user_env(home),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "ConnectionError" in result.stderr and "AttributeError" not in result.stderr
+    assert f"{weights.OFFICIAL_URL}/{NAME}.npz" in result.stderr
+    assert str(home / ".keras" / "mixer_models" / f"{NAME}.npz") in result.stderr
+    assert time.perf_counter() - start < 60
+    assert not list(home.rglob("*.npz"))
+
+
+def test_default_cache_is_keras_home(official_npz, tmp_path, monkeypatch):
+    path, _, _, arrays = official_npz
+    for variable in ("KERAS_HOME", "KERAS_MIXER_CACHE", "KERAS_MIXER_MIRROR"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    assert weights.default_cache_dir() == tmp_path / "home" / ".keras" / "mixer_models"
+    server = Server({f"/{NAME}.npz": path.read_bytes()})
+    try:
+        model = MLPMixer.from_checkpoint(NAME, mirror=server.url, include_preprocessing=False)
+    finally:
+        server.close()
+    assert (tmp_path / "home" / ".keras" / "mixer_models" / f"{NAME}.npz").is_file()
+    assert np.abs(to_numpy(model(arrays["inputs"])) - arrays["logits"]).max() <= 1e-6
+    # Keras' own variable moves the cache with Keras' home; ours overrides both.
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    assert weights.default_cache_dir() == tmp_path / "keras_home" / "mixer_models"
+    monkeypatch.setenv("KERAS_MIXER_CACHE", str(tmp_path / "ours"))
+    assert weights.default_cache_dir() == tmp_path / "ours"
+
+
+def _non_square_model():
+    # 40x24 images, 8x4 patches: a 5x6 grid of 30 tokens.
+    return MLPMixer(image_shape=(40, 24, 3), patch_size=(8, 4), num_blocks=2, hidden_dim=16,
+                    tokens_mlp_dim=12, channels_mlp_dim=24, num_classes=4,
+                    include_preprocessing=False, seed=3)
+
+
+def _randomise(model):
+    rng = np.random.default_rng(1)
+    for variable in model.weights:  # the zero head would hide mistakes
+        variable.assign(rng.normal(scale=0.3, size=variable.shape).astype("float32"))
+
+
+def test_non_square_checkpoint_round_trips_at_its_size(tmp_path):
+    model = _non_square_model()
+    _randomise(model)
+    path = weights.save_official(model, tmp_path / "non_square.npz")
+    images = np.random.default_rng(0).normal(size=(2, 40, 24, 3)).astype("float32")
+    # Built at its own size, the grid is the image's.
+    again = MLPMixer.from_checkpoint(path, image_shape=(40, 24, 3), include_preprocessing=False)
+    np.testing.assert_array_equal(to_numpy(again(images)), to_numpy(model(images)))
+    named = MLPMixer.from_checkpoint(path, pretrained_image_shape=(40, 24, 3),
+                                     include_preprocessing=False)
+    assert named.image_shape == (40, 24, 3)
+    np.testing.assert_array_equal(to_numpy(named(images)), to_numpy(model(images)))
+    # Without either, the error names the argument that fixes it.
+    with pytest.raises(ValueError, match=r"30 tokens .*not a square grid.*pretrained_image_shape"):
+        MLPMixer.from_checkpoint(path)
+    with pytest.raises(ValueError, match=r"image_shape \(80, 48, 3\) gives 120 tokens.*pretrained_image_shape"):
+        MLPMixer.from_checkpoint(path, image_shape=(80, 48, 3))
+    with pytest.raises(ValueError, match=r"pretrained_image_shape \(40, 40, 3\).*gives 50 tokens; the checkpoint has 30"):
+        MLPMixer.from_checkpoint(path, pretrained_image_shape=(40, 40, 3))
+
+
+def test_non_square_checkpoint_at_twice_its_size_is_the_window_mean(tmp_path):
+    model = _non_square_model()
+    _randomise(model)
+    path = weights.save_official(model, tmp_path / "non_square.npz")
+    images = np.random.default_rng(0).normal(size=(2, 80, 48, 3)).astype("float32")
+    expected = windows_mean(model, images, (2, 2))
+    direct = MLPMixer.from_checkpoint(path, image_shape=(80, 48, 3),
+                                      pretrained_image_shape=(40, 24, 3),
+                                      include_preprocessing=False)
+    assert direct.num_tokens == 4 * model.num_tokens
+    assert np.abs(to_numpy(direct(images)) - expected).max() <= 1e-5
+    adapted = weights.adapt_resolution(model, (80, 48, 3))
+    np.testing.assert_allclose(to_numpy(adapted(images)), to_numpy(direct(images)), atol=1e-6)
+    config = weights.official_config(weights.read_npz(path), (80, 48, 3), (40, 24, 3))
+    assert config["image_shape"] == (40, 24, 3) and config["patch_size"] == (8, 4)
