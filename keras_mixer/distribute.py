@@ -6,9 +6,12 @@ The only module with per-backend device branches. `setup` returns a
 of its `placement.shard` of the data, and writes `placement.to_dict()`
 into the work directory.
 
-- TensorFlow: a TPU (Colab's, a TPU VM's or a named one) gives a
+- TensorFlow: a TPU (this TPU VM's, or a named one) gives a
   `TPUStrategy`; several GPUs give a `MirroredStrategy`; otherwise the
-  default strategy. Keras splits each global batch over the replicas.
+  default strategy. Keras splits each global batch over the replicas. A
+  TPU that TensorFlow cannot initialise (the TensorFlow pip installs has no
+  TPU support, as on Colab's TPU runtime) is an error naming the fixes:
+  the JAX backend, or `tensorflow-tpu` on a Cloud TPU VM.
 - JAX: `keras.distribution.DataParallel` over every device, or
   `ModelParallel` on a ("batch", "model") mesh whose "model" axis shards
   the MLP kernels (see `layout_map`). Several hosts start through
@@ -127,9 +130,9 @@ def setup(mode="auto", model_parallel_size=None, tpu=None):
         model_parallel_size: with "model", devices per model copy (the
             "model" mesh axis; default: the devices of one host).
         tpu: TensorFlow only: a TPU name or address to connect to (default:
-            `$TPU_NAME`, else found on Colab and TPU VMs). A named TPU that
-            cannot be reached is an error; without one, detection takes no
-            network round trip.
+            `$TPU_NAME`, else this TPU VM's chips, found from its device
+            files without a network round trip). A TPU that cannot be used
+            is an error, never a silent CPU run.
 
     Returns:
         A `Placement`.
@@ -180,18 +183,11 @@ def _setup_single(backend, mode):
 # --- TensorFlow ---------------------------------------------------------------
 
 
-def _tpu_hint():
-    """How this machine may hold a TPU, from cheap local signals only.
-
-    Returns "local" for a TPU VM (TPU device files), "" for a Colab TPU
-    node (COLAB_TPU_ADDR), or None. Nothing here touches the network, so a
-    machine without a TPU learns it in microseconds.
-    """
-    if os.environ.get("COLAB_TPU_ADDR"):
-        return ""
-    if glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"):
-        return "local"
-    return None
+def _tpu_devices():
+    """The TPU device files of this machine (a TPU VM: Colab's TPU runtime,
+    Kaggle's, a Cloud TPU VM), from the file system only: a machine without
+    a TPU learns it in microseconds, with no network round trip."""
+    return sorted(glob.glob("/dev/accel[0-9]*") + glob.glob("/dev/vfio/[0-9]*"))
 
 
 def _tpu_resolver(tpu):
@@ -200,11 +196,27 @@ def _tpu_resolver(tpu):
     return tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or None)
 
 
-def connect_tpu(tpu, named=True):
+def _tensorflow_cannot_use_tpu(devices, error):
+    import tensorflow as tf
+
+    return RuntimeError(
+        f"This machine has a TPU ({', '.join(devices[:2])}), but TensorFlow "
+        f"{tf.__version__} cannot initialise it ({type(error).__name__}: {error}). "
+        "The TensorFlow that `pip install` brings has no TPU support; Colab's and "
+        "Kaggle's TPU runtimes are such machines. Either train on the JAX backend "
+        "(set KERAS_BACKEND=jax before Keras is imported: keras-mixer then runs on "
+        "the TPU through keras.distribution and uses TensorFlow only for tf.data on "
+        "the CPU), or, on a Cloud TPU VM, install the `tensorflow-tpu` build that "
+        "matches this TensorFlow. To train on the CPU anyway, pass distribution 'none'."
+    )
+
+
+def connect_tpu(tpu):
     """Connects to a TPU and returns its `TPUStrategy`.
 
-    `tpu`: a name, "grpc://host:port", "local" (TPU VM) or "" (Colab).
-    Failures of a named TPU raise a `RuntimeError` that says what to check.
+    `tpu`: a name or "grpc://host:port" (a TPU reached over the network), or
+    "local" (this TPU VM's own chips). Failure is a `RuntimeError` that says
+    what to check; it never falls back to the CPU silently.
     """
     import tensorflow as tf
 
@@ -215,18 +227,14 @@ def connect_tpu(tpu, named=True):
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
     except Exception as error:  # the resolver raises many kinds; say one thing
-        where = repr(tpu) if tpu else "the Colab TPU"
-        message = (
-            f"Could not connect to TPU {where}: {type(error).__name__}: {error}. "
+        if tpu == "local":
+            raise _tensorflow_cannot_use_tpu(_tpu_devices(), error) from error
+        raise RuntimeError(
+            f"Could not connect to TPU {tpu!r}: {type(error).__name__}: {error}. "
             "Check the name and zone (`gcloud compute tpus list`), that this VM may "
-            "reach it, and that it runs a TensorFlow version matching this one; in "
-            "Colab choose Runtime > Change runtime type > TPU. To train without it, "
-            "pass distribution 'none'."
-        )
-        if named:
-            raise RuntimeError(message) from error
-        logging.warning("%s Falling back to the local devices.", message)
-        return None
+            "reach it, and that it runs a TensorFlow version matching this one. To "
+            "train without it, pass distribution 'none'."
+        ) from error
 
 
 def _setup_tensorflow(mode, tpu):
@@ -240,17 +248,18 @@ def _setup_tensorflow(mode, tpu):
         )
     if mode == "none":
         return Placement(backend="tensorflow", mode="none", description="one device (mode 'none')")
-    named = tpu or os.environ.get("TPU_NAME")
-    hint = named if named else _tpu_hint()
-    if hint is not None:
-        strategy = connect_tpu(hint, named=bool(named))
-        if strategy is not None:
-            replicas = strategy.num_replicas_in_sync
-            return Placement(
-                backend="tensorflow", mode="data", num_replicas=replicas,
-                num_devices=replicas, strategy=strategy,
-                description=f"TPUStrategy over {replicas} TPU cores",
-            )
+    # A named TPU (TPU_NAME: a TPU reached over the network), else this
+    # VM's own. Colab's retired TPU Node (COLAB_TPU_ADDR) is not looked for:
+    # Colab's TPU runtimes are TPU VMs now.
+    target = tpu or os.environ.get("TPU_NAME") or ("local" if _tpu_devices() else None)
+    if target is not None:
+        strategy = connect_tpu(target)
+        replicas = strategy.num_replicas_in_sync
+        return Placement(
+            backend="tensorflow", mode="data", num_replicas=replicas,
+            num_devices=replicas, strategy=strategy,
+            description=f"TPUStrategy over {replicas} TPU cores",
+        )
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) > 1:
         devices = [d.name for d in gpus]

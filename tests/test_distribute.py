@@ -121,20 +121,37 @@ def test_a_named_unreachable_tpu_is_a_clear_error(monkeypatch):
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TPU detection is TensorFlow's")
-def test_a_detected_but_unreachable_tpu_falls_back_with_a_warning(monkeypatch, caplog):
+def test_a_tpu_that_tensorflow_cannot_initialise_is_an_error(monkeypatch):
+    """A TPU VM (Colab's TPU runtime) with the TensorFlow pip installs: say
+    why and how to fix it; never train on the CPU without a word."""
     monkeypatch.delenv("TPU_NAME", raising=False)
-    monkeypatch.setenv("COLAB_TPU_ADDR", "10.0.0.2:8470")
+    monkeypatch.setattr(distribute.glob, "glob",
+                        lambda pattern: ["/dev/accel0"] if "accel" in pattern else [])
     asked = []
 
-    def unreachable(tpu):
+    def no_tpu_support(tpu):
         asked.append(tpu)
-        raise ValueError("no TPU here")
+        raise ValueError("Please provide a TPU Name to connect to.")
 
-    monkeypatch.setattr(distribute, "_tpu_resolver", unreachable)
-    placement = distribute.setup("auto")
-    assert asked == [""]  # Colab's form: the resolver reads COLAB_TPU_ADDR
-    assert placement.mode == "none"
-    assert "Could not connect to TPU" in caplog.text and "Falling back" in caplog.text
+    monkeypatch.setattr(distribute, "_tpu_resolver", no_tpu_support)
+    with pytest.raises(RuntimeError, match=(
+            r"This machine has a TPU \(/dev/accel0\), but TensorFlow .* cannot initialise it "
+            r"\(ValueError: Please provide a TPU Name.*KERAS_BACKEND=jax.*tensorflow-tpu")):
+        distribute.setup("auto")
+    assert asked == ["local"]
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TPU detection is TensorFlow's")
+def test_the_retired_colab_tpu_node_variable_is_not_followed(monkeypatch):
+    monkeypatch.delenv("TPU_NAME", raising=False)
+    monkeypatch.setenv("COLAB_TPU_ADDR", "10.0.0.2:8470")
+    monkeypatch.setattr(distribute.glob, "glob", lambda pattern: [])
+
+    def no_resolver(tpu):
+        raise AssertionError("COLAB_TPU_ADDR alone must not start a TPU connection")
+
+    monkeypatch.setattr(distribute, "_tpu_resolver", no_resolver)
+    assert distribute.setup("auto").mode == "none"
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's refusal")
