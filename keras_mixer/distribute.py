@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import glob
 import logging
+import math
 import os
 
 import keras
@@ -407,36 +408,330 @@ def cpu_only():
     return False
 
 
-def memory_per_device(variant, batch_per_replica, model_parallel_size=1, image_size=224,
-                      num_classes=1000, activation_bytes=4, state_bytes=16, remat=False):
-    """Estimates one device's memory for training a paper variant, in bytes.
+def _pair(value):
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def training_memory(arch, batch_per_replica, model_parallel_size=1, activation_bytes=4,
+                    state_bytes=16):
+    """Estimates one device's memory for training an `MLPMixer`, in bytes.
 
     State: every parameter's weight, gradient and two Adam moments
     (`state_bytes` per parameter: 16 in float32, which Keras keeps under
-    "mixed_bfloat16" too); the kernels that `layout_map` shards count
-    `1 / model_parallel_size`. Activations: the tensors a Mixer block keeps
-    for the backward pass, per image (six of tokens x channels, and the two
-    hidden layers of each MLP, sharded like their kernels), times
-    `batch_per_replica`, at `activation_bytes` (2 under "mixed_bfloat16").
-    With `remat` (`MLPMixer(remat=True)`) only each block's input is kept,
+    "mixed_bfloat16" too; 12 for SGD with momentum); the kernels that
+    `layout_map` shards count `1 / model_parallel_size`. Activations: the
+    tensors a Mixer block keeps for the backward pass, per image (six of
+    tokens x channels, and the two hidden layers of each MLP, sharded like
+    their kernels), times `batch_per_replica`, at `activation_bytes` (2
+    under "mixed_bfloat16"). With `remat` only each block's input is kept,
     plus one block's activations while it is recomputed. XLA fuses and
     rematerialises, so treat activations as +-50%.
+
+    Args:
+        arch: an `MLPMixer`, or a dict of its arguments (`image_shape`,
+            `patch_size`, `num_blocks`, `hidden_dim`, `tokens_mlp_dim`,
+            `channels_mlp_dim`, `num_classes`, optionally `remat`).
 
     Returns:
         dict with `params`, `state`, `activations` and `total` (bytes).
     """
-    from keras_mixer.model import variant_config
-
-    config = variant_config(variant)
+    if hasattr(arch, "get_config"):
+        arch = arch.get_config()
     m = model_parallel_size
-    patch, blocks = config["patch_size"], config["num_blocks"]
-    c, ds, dc = config["hidden_dim"], config["tokens_mlp_dim"], config["channels_mlp_dim"]
-    s = (image_size // patch) ** 2
-    sharded = blocks * (s * ds + ds + ds * s + c * dc + dc + dc * c) + c * num_classes + num_classes
-    replicated = patch * patch * 3 * c + c + blocks * (4 * c + s + c) + 2 * c
+    patch_h, patch_w = _pair(arch["patch_size"])
+    height, width, channels = arch["image_shape"]
+    blocks, c = arch["num_blocks"], arch["hidden_dim"]
+    ds, dc = arch["tokens_mlp_dim"], arch["channels_mlp_dim"]
+    classes = arch.get("num_classes") or 0
+    s = (height // patch_h) * (width // patch_w)
+    sharded = blocks * (s * ds + ds + ds * s + c * dc + dc + dc * c) + c * classes + classes
+    replicated = patch_h * patch_w * channels * c + c + blocks * (4 * c + s + c) + 2 * c
     params = sharded + replicated
     state = state_bytes * (replicated + sharded / m)
     block = 6 * s * c + (2 * c * ds + 2 * s * dc) / m
-    per_image = (blocks * s * c + block if remat else blocks * block) + 2 * s * c
+    per_image = (blocks * s * c + block if arch.get("remat") else blocks * block) + 2 * s * c
     activations = batch_per_replica * per_image * activation_bytes
     return dict(params=params, state=state, activations=activations, total=state + activations)
+
+
+def memory_per_device(variant, batch_per_replica, model_parallel_size=1, image_size=224,
+                      num_classes=1000, activation_bytes=4, state_bytes=16, remat=False):
+    """`training_memory` of a paper variant (e.g. "B/16") at `image_size`, in bytes."""
+    from keras_mixer.model import variant_config
+
+    arch = dict(variant_config(variant), image_shape=(image_size, image_size, 3),
+                num_classes=num_classes, remat=remat)
+    return training_memory(arch, batch_per_replica, model_parallel_size, activation_bytes,
+                           state_bytes)
+
+
+# High-bandwidth memory of one JAX TPU device, by `device_kind`, for when
+# the runtime does not report it (GiB; v2 and v3 devices are cores).
+TPU_MEMORY_GIB = (
+    ("v6 lite", 32), ("v6e", 32), ("v5 lite", 16), ("v5e", 16), ("v5p", 95), ("v5", 95),
+    ("v4", 32), ("v3", 16), ("v2", 8),
+)
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceMemory:
+    """The memory of one device a run trains on.
+
+    Attributes:
+        kind: "tpu", "gpu" or "cpu".
+        name: e.g. "TPU v5 lite", "NVIDIA H200", "CPU".
+        bytes: memory one device may use.
+        source: where the figure came from, for the printed plan.
+    """
+
+    kind: str
+    name: str
+    bytes: int
+    source: str
+
+    def describe(self):
+        return f"{self.name} ({self.bytes / GIB:.1f} GiB, {self.source})"
+
+
+def _tpu_table_bytes(name):
+    lowered = name.lower()
+    for key, gib in TPU_MEMORY_GIB:
+        if key in lowered:
+            return gib * GIB
+    return None
+
+
+def _host_memory_bytes(meminfo="/proc/meminfo"):
+    """Available host RAM (MemAvailable), else the physical total."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _nvidia_smi_bytes():
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.split()
+        return int(out[0]) * 1024 ** 2 if out else None
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+def device_memory(placement=None):
+    """Finds the kind and memory of the devices a run trains on.
+
+    `$KERAS_MIXER_DEVICE_MEMORY_GB` overrides the figure (a shared GPU, a
+    TPU the runtime does not describe). TPUs: the runtime's own limit on
+    JAX, else `TPU_MEMORY_GIB` by chip (TensorFlow reads the chip from
+    `$TPU_ACCELERATOR_TYPE`, which TPU VMs set). GPUs: the runtime's limit
+    (JAX: what XLA may allocate; PyTorch: the card's total), else
+    `nvidia-smi`. CPUs: the available RAM, shared by the CPU devices.
+    """
+    backend = keras.backend.backend()
+    kind, name, size, source = "cpu", "CPU", None, "available RAM"
+    devices = 1
+    if backend == "jax":
+        import jax
+
+        local = jax.local_devices()
+        device = local[0]
+        kind = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(device.platform, "cpu")
+        devices = len(local)
+        if kind != "cpu":
+            name = device.device_kind
+            if kind == "tpu" and not name.upper().startswith("TPU"):
+                name = f"TPU {name}"
+            try:
+                size = (device.memory_stats() or {}).get("bytes_limit")
+                source = "reported by JAX"
+            except Exception:  # not every runtime implements memory_stats
+                size = None
+            if size is None and kind == "tpu":
+                size, source = _tpu_table_bytes(device.device_kind), "HBM per chip"
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        strategy = getattr(placement, "strategy", None)
+        if strategy is not None and "TPU" in type(strategy).__name__:
+            kind = "tpu"
+            accelerator = os.environ.get("TPU_ACCELERATOR_TYPE", "")
+            name = f"TPU {accelerator}".strip()
+            size, source = _tpu_table_bytes(accelerator.replace("litepod", " lite")), "HBM per chip"
+        elif tf.config.list_logical_devices("GPU"):
+            kind, name = "gpu", "GPU"
+            devices = len(tf.config.list_logical_devices("GPU"))
+            size, source = _nvidia_smi_bytes(), "nvidia-smi"
+    elif backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            kind, name = "gpu", torch.cuda.get_device_name(0)
+            size, source = torch.cuda.get_device_properties(0).total_memory, "reported by PyTorch"
+    if kind == "cpu":
+        devices = max(devices, getattr(placement, "num_replicas", 1) or 1)
+        size = _host_memory_bytes() // devices
+        if devices > 1:
+            source = f"available RAM / {devices} devices"
+    override = os.environ.get("KERAS_MIXER_DEVICE_MEMORY_GB")
+    if override:
+        size, source = int(float(override) * 1e9), "KERAS_MIXER_DEVICE_MEMORY_GB"
+    if size is None:
+        size, source = 16 * GIB, "not reported: assumed 16 GiB (set KERAS_MIXER_DEVICE_MEMORY_GB)"
+    return DeviceMemory(kind=kind, name=name, bytes=int(size), source=source)
+
+
+def choose_mixed_precision(setting, memory):
+    """Whether to train in "mixed_bfloat16": `setting` when it is a bool;
+    for "auto", on TPUs and GPUs (whose matrix units run bfloat16 at 2x
+    float32 or more) and not on CPUs (where it ran slower here; see
+    docs/benchmarks.md)."""
+    if setting == "auto":
+        return memory.kind in ("tpu", "gpu")
+    return bool(setting)
+
+
+# Of a device's memory, what the estimate may fill: activations are +-50%,
+# and XLA, the runtime and the input pipeline need room of their own.
+BUDGET_FRACTION = {"tpu": 0.8, "gpu": 0.8, "cpu": 0.6}
+MAX_STEPS_PER_EXECUTION = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """How a global batch is computed on the devices found; see `plan_batch`.
+
+    Attributes:
+        global_batch: images per optimizer update (the recipe's batch).
+        grad_accum_steps: Keras steps (micro-batches) per update.
+        step_batch: images per Keras step, over all devices
+            (`global_batch / grad_accum_steps`): the batch the data yields.
+        per_device_batch: images per device per step.
+        num_replicas: model copies the step batch is split over.
+        mixed_precision: train in "mixed_bfloat16".
+        steps_per_execution: Keras steps per compiled call.
+        estimated_bytes: `training_memory` of one device at this plan.
+        memory: the `DeviceMemory` planned for.
+        budget_bytes: the part of it the estimate may fill.
+    """
+
+    global_batch: int
+    grad_accum_steps: int
+    step_batch: int
+    per_device_batch: int
+    num_replicas: int
+    mixed_precision: bool
+    steps_per_execution: int
+    estimated_bytes: float
+    memory: DeviceMemory
+    budget_bytes: float
+
+    @property
+    def fits(self):
+        return self.estimated_bytes <= self.budget_bytes
+
+    def describe(self):
+        accum = (f" = {self.grad_accum_steps} accumulated steps of {self.step_batch}"
+                 if self.grad_accum_steps > 1 else "")
+        return (
+            f"global batch {self.global_batch}{accum}, {self.per_device_batch} per device "
+            f"on {self.num_replicas} x {self.memory.describe()}; "
+            f"{'bfloat16' if self.mixed_precision else 'float32'}; steps_per_execution "
+            f"{self.steps_per_execution}; estimated {self.estimated_bytes / GIB:.1f} GiB per "
+            f"device of a {self.budget_bytes / GIB:.1f} GiB budget"
+        )
+
+    def to_dict(self):
+        out = dataclasses.asdict(self)
+        out["memory"] = dataclasses.asdict(self.memory)
+        out["description"] = self.describe()
+        return out
+
+
+def _divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def plan_batch(model, global_batch, placement=None, mixed_precision=False,
+               grad_accum_steps="auto", steps_per_execution="auto", steps_per_epoch=None,
+               total_updates=None, memory=None, state_bytes=16):
+    """Chooses gradient accumulation and steps per execution for the devices found.
+
+    The global batch (the recipe's, which its learning rate was tuned for)
+    is kept. With `grad_accum_steps="auto"` it is split into the fewest
+    equal accumulated steps whose per-device share fits the device's memory
+    budget by `training_memory`. `steps_per_execution="auto"` is 1 except on
+    TPUs, where a compiled call of up to `MAX_STEPS_PER_EXECUTION` steps
+    saves a host round trip per step; it divides the epoch and the run, so
+    that Keras' epochs, the schedule and resumed runs stay aligned.
+
+    Args:
+        model: the `MLPMixer` (or a dict of its arguments) to train.
+        global_batch: images per optimizer update.
+        placement: the run's `Placement` (default: one device).
+        mixed_precision: bool, whether the run uses "mixed_bfloat16"
+            (see `choose_mixed_precision`).
+        grad_accum_steps, steps_per_execution: "auto" or a fixed int.
+        steps_per_epoch, total_updates: optimizer updates per epoch and in
+            all, for `steps_per_execution`.
+        memory: a `DeviceMemory` (default: `device_memory(placement)`).
+        state_bytes: bytes of optimizer state per parameter (16 for Adam,
+            12 for SGD with momentum).
+
+    Returns:
+        A `BatchPlan`; `plan.fits` is False (and a warning says what to do)
+        when even one image per device exceeds the estimate's budget.
+    """
+    memory = memory or device_memory(placement)
+    replicas = getattr(placement, "num_replicas", 1) or 1
+    model_parallel = getattr(placement, "model_parallel_size", 1) or 1
+    budget = BUDGET_FRACTION[memory.kind] * memory.bytes
+    act_bytes = 2 if mixed_precision else 4
+
+    def estimate(accum):
+        per_device = global_batch // accum // replicas
+        return training_memory(model, per_device, model_parallel, act_bytes, state_bytes)["total"]
+
+    if grad_accum_steps == "auto":
+        # Accumulated steps must split the global batch evenly over replicas.
+        options = [a for a in _divisors(global_batch) if (global_batch // a) % replicas == 0]
+        if not options:
+            raise ValueError(
+                f"batch_size={global_batch} does not split over {replicas} replicas.")
+        accum = next((a for a in options if estimate(a) <= budget), options[-1])
+    else:
+        accum = int(grad_accum_steps)
+    step_batch = global_batch // accum
+    if steps_per_execution == "auto":
+        spe = 1
+        if memory.kind == "tpu" and steps_per_epoch:
+            span = math.gcd(steps_per_epoch * accum, (total_updates or steps_per_epoch) * accum)
+            spe = max(d for d in _divisors(span) if d <= MAX_STEPS_PER_EXECUTION)
+    else:
+        spe = int(steps_per_execution)
+    plan = BatchPlan(
+        global_batch=global_batch, grad_accum_steps=accum, step_batch=step_batch,
+        per_device_batch=step_batch // replicas, num_replicas=replicas,
+        mixed_precision=bool(mixed_precision), steps_per_execution=spe,
+        estimated_bytes=estimate(accum), memory=memory, budget_bytes=budget,
+    )
+    if not plan.fits:
+        logging.warning(
+            "The estimate for this plan (%s) exceeds the device's memory budget. Use "
+            "mixed_precision=True, --set model.remat=True, model parallelism on JAX "
+            "(--distribution model), more devices, or a smaller batch_size (scale "
+            "learning_rate with it).", plan.describe(),
+        )
+    return plan

@@ -14,6 +14,7 @@ shrinks kernels by 1e-4.
 """
 
 import ast
+import collections
 import json
 import logging
 import math
@@ -70,9 +71,9 @@ DEFAULTS = dict(
     beta_2=0.999,
     momentum=0.9,
     grad_clip_norm=1.0,         # None: no clipping
-    grad_accum_steps=1,
+    grad_accum_steps="auto",    # "auto": the fewest that fit the device (plan_batch)
     ema_momentum=None,          # e.g. 0.9999: evaluate and save the EMA weights
-    mixed_precision=False,      # True: "mixed_bfloat16"
+    mixed_precision="auto",     # True: "mixed_bfloat16"; "auto": on TPU and GPU
     loss="softmax_xent",        # or "sigmoid_xent"
     label_smoothing=0.0,
     # Length and bookkeeping.
@@ -81,7 +82,7 @@ DEFAULTS = dict(
     steps_per_epoch=None,       # None: one pass over the training split
     batch_size=512,             # global, per optimizer update
     eval_batch_size=None,
-    steps_per_execution=1,
+    steps_per_execution="auto", # "auto": up to 32 on TPU, else 1 (plan_batch)
     checkpoint_every=1000,      # steps; states are also written every epoch
     keep_checkpoints=2,
     seed=0,
@@ -91,6 +92,11 @@ _NONE_TYPES = {
     "init_checkpoint": (str,), "recipe": (str,), "warmup_steps": (int,),
     "grad_clip_norm": (float,), "ema_momentum": (float,), "train_steps": (int,),
     "steps_per_epoch": (int,), "eval_batch_size": (int,),
+}
+# Keys that take "auto" (decided for the devices found by
+# `distribute.plan_batch`) or a value of these types.
+_AUTO_TYPES = {
+    "mixed_precision": (bool,), "grad_accum_steps": (int,), "steps_per_execution": (int,),
 }
 CONFIG_KEYS = frozenset(DEFAULTS)
 
@@ -125,6 +131,8 @@ CHOICES = {
 
 def _types_of(key):
     default = DEFAULTS[key]
+    if key in _AUTO_TYPES:
+        return _AUTO_TYPES[key] + (str,)
     if default is None or key in _NONE_TYPES:
         types = _NONE_TYPES[key]
         return types + ((int,) if float in types else ()) + (type(None),)
@@ -147,6 +155,8 @@ def _check_value(key, value):
     if not ok:
         names = " or ".join("None" if t is type(None) else t.__name__ for t in types)
         raise ValueError(f"Config key `{key}` must be {names}, got {value!r} ({type(value).__name__}).")
+    if key in _AUTO_TYPES and isinstance(value, str) and value != "auto":
+        raise ValueError(f"Config key `{key}` must be 'auto' or a {types[0].__name__}, got {value!r}.")
     if key in CHOICES and value is not None and value not in CHOICES[key]:
         raise ValueError(f"Config key `{key}` must be one of {', '.join(CHOICES[key])}, got {value!r}.")
 
@@ -175,9 +185,9 @@ def resolve_config(config):
         _check_value(key, value)
     for key in ("epochs", "batch_size", "grad_accum_steps", "steps_per_execution",
                 "keep_checkpoints", "randaugment_layers", "channels"):
-        if resolved[key] <= 0:
+        if resolved[key] != "auto" and resolved[key] <= 0:
             raise ValueError(f"`{key}` must be a positive integer, got {resolved[key]!r}.")
-    if resolved["batch_size"] % resolved["grad_accum_steps"]:
+    if resolved["grad_accum_steps"] != "auto" and resolved["batch_size"] % resolved["grad_accum_steps"]:
         raise ValueError(
             f"`batch_size` {resolved['batch_size']} must be a multiple of "
             f"`grad_accum_steps` {resolved['grad_accum_steps']}: each update "
@@ -507,13 +517,39 @@ def _image_shape(config):
     return (height, width, config["channels"])
 
 
-def make_datasets(config, micro_batch_size, placement=None):
+Sources = collections.namedtuple("Sources", ["train", "eval", "num_classes", "num_examples"])
+Sources.__doc__ = """A config's data before any pipeline: the training and evaluation
+`data.Source` (None for the digits, which `make_datasets` builds itself, and
+for a config without an eval split), the class count and the number of
+training examples. Made once by `make_sources`: listing an image folder can
+take minutes."""
+
+
+def make_sources(config):
+    """The `Sources` of a config: what the model and the batch plan need to
+    know about the data (classes, examples) before the pipelines exist."""
+    if config["dataset"] == "digits":
+        (x_train, _), _ = data_lib.load_digits()
+        return Sources(None, None, data_lib.DIGITS_NUM_CLASSES, len(x_train))
+    train = data_lib.make_source(
+        config["dataset"], config["train_split"], config["data_dir"], config["download"]
+    )
+    evaluation = None
+    if config["eval_split"]:
+        evaluation = data_lib.make_source(
+            config["dataset"], config["eval_split"], config["data_dir"], config["download"]
+        )
+    return Sources(train, evaluation, train.num_classes, train.num_examples)
+
+
+def make_datasets(config, micro_batch_size, placement=None, sources=None):
     """Returns `(train_fn, eval_ds, steps_per_data_epoch, num_classes, image_shape)`.
 
     `train_fn(start_step)` builds the training stream from that step. With
     a `distribute.Placement`, each host reads its shard at its part of
     `micro_batch_size` (the global batch of one step), and evaluation
-    batches are padded to split evenly over the replicas.
+    batches are padded to split evenly over the replicas. `sources` (from
+    `make_sources`) saves reading the data's metadata a second time.
     """
     image_shape = _image_shape(config)
     num_shards, shard_index = placement.shard if placement else (1, 0)
@@ -546,9 +582,8 @@ def make_datasets(config, micro_batch_size, placement=None):
             eval_ds = test if replicas == 1 else for_replicas(test.unbatch().batch(eval_batch), None)
         return train_fn, eval_ds, steps, data_lib.DIGITS_NUM_CLASSES, image_shape
 
-    source = data_lib.make_source(
-        config["dataset"], config["train_split"], config["data_dir"], config["download"]
-    )
+    sources = sources or make_sources(config)
+    source = sources.train
     batch_augment = augment_lib.batch_augmenter(
         randaugment_layers=config["randaugment_layers"],
         randaugment_magnitude=config["randaugment_magnitude"],
@@ -567,9 +602,7 @@ def make_datasets(config, micro_batch_size, placement=None):
 
     eval_ds = None
     if config["eval_split"]:
-        eval_source = data_lib.make_source(
-            config["dataset"], config["eval_split"], config["data_dir"], config["download"]
-        )
+        eval_source = sources.eval
         eval_ds = for_replicas(data_lib.eval_pipeline(
             eval_source, eval_batch // num_shards, image_shape, config["eval_crop"],
             num_shards=num_shards, shard_index=shard_index,
@@ -651,7 +684,47 @@ def _check_variant(variant, inferred, source):
 # --- Training ------------------------------------------------------------------
 
 
-def compile_model(model, config, total_updates, warmup_steps=None, placement=None):
+def choose_precision(config, placement=None, memory=None):
+    """Whether `config` trains in "mixed_bfloat16" on `placement`'s devices
+    (`mixed_precision`: True, False, or "auto": on TPUs and GPUs). Set
+    Keras' dtype policy to match before building the model."""
+    memory = memory or distribute_lib.device_memory(placement)
+    return distribute_lib.choose_mixed_precision(config["mixed_precision"], memory)
+
+
+def plan_run(config, model, placement=None, num_examples=None, memory=None):
+    """The `distribute.BatchPlan` of `config` for `model` on `placement`'s devices.
+
+    Keeps the config's global `batch_size`; "auto" accumulation and steps
+    per execution are chosen from the device's memory (`num_examples`, the
+    training set's size, gives the epoch length that steps per execution
+    must divide). The precision is the dtype policy the model was built in.
+    """
+    config = resolve_config(config)
+    updates_per_epoch = config["steps_per_epoch"]
+    if updates_per_epoch is None and num_examples:
+        updates_per_epoch = max(num_examples // config["batch_size"], 1)
+    total = config["train_steps"] or (updates_per_epoch or 0) * config["epochs"] or None
+    adam = config["optimizer"] == "adamw"
+    return distribute_lib.plan_batch(
+        model, config["batch_size"], placement,
+        mixed_precision=keras.config.dtype_policy().name == "mixed_bfloat16",
+        grad_accum_steps=config["grad_accum_steps"],
+        steps_per_execution=config["steps_per_execution"],
+        steps_per_epoch=updates_per_epoch, total_updates=total, memory=memory,
+        # Weight, gradient and two Adam moments, or one SGD momentum, in float32.
+        state_bytes=16 if adam else 12,
+    )
+
+
+def apply_plan(config, plan):
+    """`config` with `plan`'s accumulation, steps per execution and precision."""
+    return dict(config, grad_accum_steps=plan.grad_accum_steps,
+                steps_per_execution=plan.steps_per_execution,
+                mixed_precision=plan.mixed_precision)
+
+
+def compile_model(model, config, total_updates, warmup_steps=None, placement=None, plan=None):
     """Compiles `model` with `config`'s optimizer, schedule, loss and metrics.
 
     This is what `train` compiles with; a notebook or script that calls
@@ -659,11 +732,21 @@ def compile_model(model, config, total_updates, warmup_steps=None, placement=Non
     number of optimizer updates the schedule spans; `warmup_steps` defaults
     to the config's (or its `warmup_fraction` of `total_updates`).
 
+    `plan` (from `plan_run`) gives the gradient accumulation and steps per
+    execution; the data must then yield `plan.step_batch` images a step.
+    Without one, a config's "auto" means 1 for both: each step is one whole
+    global batch, as the data was batched without a plan.
+
     Metrics are weighted metrics: data-parallel evaluation pads its last
     batch with weight-0 examples (`data.pad_batches`), which plain `metrics`
     would count. Returns `model`.
     """
     config = resolve_config(config)
+    if plan is not None:
+        config = apply_plan(config, plan)
+    for key in ("grad_accum_steps", "steps_per_execution"):
+        if config[key] == "auto":
+            config[key] = 1
     if warmup_steps is None:
         warmup_steps = config["warmup_steps"]
         if warmup_steps is None:
@@ -803,25 +886,50 @@ def train(config, workdir, verbose="auto", distribution="auto", model_parallel_s
         (workdir / "config.json").write_text(json.dumps(config, indent=2))
         (workdir / "distribution.json").write_text(json.dumps(placement.to_dict(), indent=2))
     keras.utils.set_random_seed(config["seed"])
+    memory = distribute_lib.device_memory(placement)
+    # A resumed run keeps the plan it started with, so that its steps,
+    # schedule and states mean the same on whatever hardware it resumes.
+    saved_plan = _saved_plan(workdir / "plan.json", config)
+    if saved_plan is not None:
+        mixed = saved_plan["mixed_precision"]
+    else:
+        mixed = choose_precision(config, memory=memory)
     previous_policy = keras.config.dtype_policy()
-    if config["mixed_precision"]:
+    if mixed:
         _warn_if_bfloat16_is_slow(placement)
         keras.config.set_dtype_policy("mixed_bfloat16")
     try:
         with placement.scope():
-            return _train(config, workdir, verbose, placement)
+            return _train(config, workdir, verbose, placement, memory, saved_plan)
     finally:
         keras.config.set_dtype_policy(previous_policy)
 
 
-def _train(config, workdir, verbose, placement):
-    accum = config["grad_accum_steps"]
-    micro_batch = config["batch_size"] // accum
+def _saved_plan(path, config):
+    """The plan a run in this work directory started with, for its "auto" keys."""
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    return {key: saved[key] if config[key] == "auto" else config[key]
+            for key in ("grad_accum_steps", "steps_per_execution", "mixed_precision")}
+
+
+def _train(config, workdir, verbose, placement, memory, saved_plan):
+    sources = make_sources(config)
+    image_shape = _image_shape(config)
+    model = make_model(config, image_shape, sources.num_classes)
+    plan = plan_run(config if saved_plan is None else {**config, **saved_plan}, model,
+                    placement, sources.num_examples, memory)
+    print(f"Batch plan: {plan.describe()}.")
+    if placement.is_chief:
+        (workdir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+    accum = plan.grad_accum_steps
+    micro_batch = plan.step_batch
     placement.check_batch_size(
         micro_batch, "batch_size" if accum == 1 else "batch_size / grad_accum_steps"
     )
     train_fn, eval_ds, data_steps, num_classes, image_shape = make_datasets(
-        config, micro_batch, placement
+        config, micro_batch, placement, sources
     )
     # Keras steps are micro-batches; config steps are optimizer updates.
     steps_per_epoch = (config["steps_per_epoch"] or data_steps // accum) * accum
@@ -831,8 +939,7 @@ def _train(config, workdir, verbose, placement):
         total_updates = config["epochs"] * steps_per_epoch // accum
     total = total_updates * accum
 
-    model = make_model(config, image_shape, num_classes)
-    compile_model(model, config, total_updates, placement=placement)
+    compile_model(model, config, total_updates, placement=placement, plan=plan)
     _build_compiled_state(model, placement.host_batch_size(micro_batch), image_shape, num_classes)
     state_dir = workdir / "checkpoints"
     state = checkpoint_lib.restore_latest(state_dir, model)
@@ -904,6 +1011,7 @@ def _train(config, workdir, verbose, placement):
     if history.get("images_per_second"):
         results["images_per_second"] = round(float(np.median(history["images_per_second"])), 1)
     results["distribution"] = placement.description
+    results["batch_plan"] = plan.describe()
     if placement.is_chief:
         _save_atomically(model, workdir / "model.keras")
         (workdir / "results.json").write_text(json.dumps(results, indent=2))

@@ -7,6 +7,16 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures"
+# The Colab lane (tests/colab_lane.sh) tests the installed wheel: then
+# neither this process nor its subprocesses may import the checkout.
+INSTALLED = os.environ.get("KERAS_MIXER_TEST_INSTALLED") == "1"
+
+
+def checkout_pythonpath(env):
+    """`env`'s PYTHONPATH with the checkout first, unless the installed package is tested."""
+    if INSTALLED:
+        return env.get("PYTHONPATH", "")
+    return os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
 
 
 def pytest_report_header(config):
@@ -41,9 +51,7 @@ def subprocess_env(backend):
     """Environment for running Python under another Keras backend."""
     env = dict(os.environ)
     env["KERAS_BACKEND"] = backend
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    )
+    env["PYTHONPATH"] = checkout_pythonpath(env)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return env
 

@@ -2,11 +2,13 @@
 
 Each notebook runs top to bottom in a fresh Jupyter kernel (nbclient) with
 `KERAS_MIXER_SMOKE_TEST=1`, which the notebooks read to switch to tiny
-models, a few steps, bundled or mock data and a local official-format
-checkpoint (the parameters of `../shared/fixtures/official_flax_mixer_tiny.npz`)
-instead of downloads. The kernel inherits this process's `KERAS_BACKEND`, so the
-suite runs them once per backend. Any cell error fails the test with the
-cell's traceback.
+models, a few steps, bundled or mock data. The released checkpoint name
+they load is served by a local mirror holding the parameters of
+`../shared/fixtures/official_flax_mixer_tiny.npz`, and lands in the default
+cache under a temporary HOME, as a user's download would. The notebooks
+choose the JAX backend themselves; `KERAS_MIXER_NOTEBOOK_BACKEND` (set to
+this process's backend) makes the suite run them once per backend. Any
+cell error fails the test with the cell's traceback.
 """
 
 import json
@@ -19,6 +21,7 @@ import pytest
 
 from conftest import FIXTURES
 from conftest import ROOT
+from conftest import checkout_pythonpath
 
 nbformat = pytest.importorskip("nbformat")
 
@@ -46,9 +49,22 @@ EXPECTED = {
 }
 
 
+# The extras each notebook installs: only what it uses.
+EXTRAS = {
+    "01_quickstart.ipynb": "[viz]", "02_finetune_pretrained.ipynb": "",
+    "03_pretrain_tpu.ipynb": "[viz]", "04_inspect.ipynb": "[viz]", "05_export.ipynb": "[litert]",
+}
+RELEASED_NAME = "imagenet21k/Mixer-B_16"
+
+
 def _repository_url():
     text = (ROOT / "pyproject.toml").read_text()
     return re.search(r'Repository = "https://github.com/([^"]+)"', text).group(1)
+
+
+def _version():
+    text = (ROOT / "pyproject.toml").read_text()
+    return re.search(r'^version = "([^"]+)"', text, re.MULTILINE).group(1)
 
 
 def _read(name):
@@ -72,8 +88,24 @@ def test_notebook_is_clean(name):
     assert (f"https://colab.research.google.com/github/{repo}/blob/main/notebooks/{name}"
             in first.source), "Open-in-Colab badge missing or pointing elsewhere"
     install = code[0].source
-    assert 'find_spec("keras_mixer") is None' in install and f"git+https://github.com/{repo}" in install
+    assert 'find_spec("keras_mixer") is None' in install
+    # One pinned specification: the release whose version pyproject.toml
+    # states, so that a notebook opened from a release tag installs that
+    # release. Bump the tag here when the version changes.
+    spec = f"keras-mixer{EXTRAS[name]} @ git+https://github.com/{repo}@v{_version()}"
+    assert f'KERAS_MIXER = "{spec}"' in install, f"{name}: install cell must pin {spec!r}"
     source = "\n".join(c.source for c in code)
+    # Only the extras it uses: matplotlib (viz), the LiteRT interpreter (litert).
+    uses_viz = bool(re.search(r"matplotlib|visualize", source))
+    assert uses_viz == ("viz" in EXTRAS[name]), name
+    assert ("ai_edge_litert" in source) == ("litert" in EXTRAS[name]), name
+    # Colab's TPU runtime: a v5e chip.
+    assert notebook.metadata["accelerator"] == "TPU"
+    assert notebook.metadata["colab"]["gpuType"] == "V5E1"
+    # JAX is assigned, not defaulted: a KERAS_BACKEND left over from
+    # elsewhere must not silently win.
+    assert 'os.environ["KERAS_BACKEND"] = BACKEND' in source and "setdefault" not in source
+    assert 'os.environ.get("KERAS_MIXER_NOTEBOOK_BACKEND", "jax")' in source
     assert 'os.environ.get("KERAS_MIXER_SMOKE_TEST")' in source
     assert "from keras_mixer import" in source
     # The notebooks drive the package; they never redefine its code.
@@ -83,6 +115,50 @@ def test_notebook_is_clean(name):
     # Every code cell is explained.
     kinds = [c.cell_type for c in notebook.cells]
     assert "markdown" in kinds[2:] and sum(k == "markdown" for k in kinds) >= 4
+
+
+def _backend_cell(name):
+    cells = [c.source for c in _read(name).cells
+             if c.cell_type == "code" and "KERAS_MIXER_NOTEBOOK_BACKEND" in c.source]
+    assert len(cells) == 1, name
+    return cells[0]
+
+
+def test_every_notebook_sets_the_backend_the_same_way():
+    assert len({_backend_cell(name) for name in EXPECTED}) == 1
+
+
+@pytest.mark.parametrize("imported", ["torch", "jax"])
+def test_backend_cell_refuses_a_keras_imported_with_another_backend(imported, tmp_path):
+    """A user who imported Keras (on Colab's default backend) before the
+    notebook's backend cell is told to restart, instead of getting a run on
+    the wrong backend."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    if importlib.util.find_spec(imported) is None:
+        pytest.skip(f"{imported} is not installed in this environment")
+    cell = _backend_cell("01_quickstart.ipynb")
+    env = subprocess_env(imported)
+    env.pop("KERAS_MIXER_NOTEBOOK_BACKEND", None)
+    wanted = "tensorflow" if imported == "jax" else "jax"
+    code = (f"import keras\nimport os\nos.environ['KERAS_MIXER_NOTEBOOK_BACKEND'] = {wanted!r}\n"
+            + cell)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0
+    assert (f"Keras was already imported with the {imported} backend, and this notebook "
+            f"runs on {wanted}. Restart the session") in result.stderr
+    # Without an earlier import the cell sets the backend.
+    code = f"import os\nos.environ['KERAS_MIXER_NOTEBOOK_BACKEND'] = {imported!r}\n" + cell
+    code += "\nimport keras\nprint(keras.backend.backend())"
+    result = subprocess.run([sys.executable, "-c", code], env=dict(env, KERAS_BACKEND="tensorflow"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == imported
 
 
 def _execute(name, workdir, timeout=900):
@@ -105,16 +181,24 @@ def _execute(name, workdir, timeout=900):
 
 @pytest.fixture
 def notebook_env(tmp_path, monkeypatch):
-    """What CI's kernels see: smoke settings, no downloads, files in tmp_path."""
+    """What a user's kernel sees, in tmp_path: smoke settings, no cache
+    variables (released checkpoints go to the default cache under HOME),
+    and a local mirror instead of the network."""
+    import keras
+
     # The fixture's parameters, keyed as in a released checkpoint file.
     with np.load(FIXTURES / "official_flax_mixer_tiny.npz") as fixture:
         params = {k[len("params/"):]: fixture[k] for k in fixture.files if k.startswith("params/")}
-    checkpoint = tmp_path / "checkpoint" / "Mixer-tiny.npz"
-    checkpoint.parent.mkdir()
+    checkpoint = tmp_path / "mirror" / f"{RELEASED_NAME}.npz"
+    checkpoint.parent.mkdir(parents=True)
     np.savez(checkpoint, **params)
+    (tmp_path / "home").mkdir()
+    for variable in ("KERAS_MIXER_CACHE", "KERAS_HOME", "KERAS_MIXER_SMOKE_CHECKPOINT"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KERAS_MIXER_MIRROR", str(tmp_path / "mirror"))
     monkeypatch.setenv("KERAS_MIXER_SMOKE_TEST", "1")
-    monkeypatch.setenv("KERAS_MIXER_SMOKE_CHECKPOINT", str(checkpoint))
-    monkeypatch.setenv("KERAS_MIXER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("KERAS_MIXER_NOTEBOOK_BACKEND", keras.backend.backend())
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
     # Jupyter's connection files, IPython's profile and matplotlib's cache
     # go to tmp_path: CI's home directory may be read-only.
@@ -122,9 +206,8 @@ def notebook_env(tmp_path, monkeypatch):
         directory = tmp_path / "home" / variable.lower()
         directory.mkdir(parents=True)
         monkeypatch.setenv(variable, str(directory))
-    # The kernel imports the checkout, not some other installed copy.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    # The kernel imports the checkout (or, in the Colab lane, the installed wheel).
+    monkeypatch.setenv("PYTHONPATH", checkout_pythonpath(os.environ))
     return tmp_path
 
 
@@ -144,6 +227,12 @@ def test_notebook_runs(name, notebook_env):
     )
     import keras
 
+    if name in ("02_finetune_pretrained.ipynb", "04_inspect.ipynb"):
+        # The released name went through the default cache: ~/.keras/mixer_models.
+        cached = notebook_env / "home" / ".keras" / "mixer_models" / f"{RELEASED_NAME}.npz"
+        assert cached.is_file()
+    if name in ("02_finetune_pretrained.ipynb", "03_pretrain_tpu.ipynb"):
+        assert re.search(r"Batch plan: global batch 8, 8 per device on 1 x ", text), text[-3000:]
     if name == "03_pretrain_tpu.ipynb":
         results = json.loads((notebook_env / EXPECTED[name][1]).read_text())
         assert results["steps"] == 4 and results["backend"] == keras.backend.backend()

@@ -236,7 +236,7 @@ def _user_env(home):
     import os
     import socket
 
-    from conftest import ROOT
+    from conftest import checkout_pythonpath
 
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("KERAS_MIXER_") and k != "KERAS_HOME"
@@ -245,7 +245,7 @@ def _user_env(home):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env.update(HOME=str(home), https_proxy=f"http://127.0.0.1:{port}",
-               PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+               PYTHONPATH=checkout_pythonpath(os.environ), TF_CPP_MIN_LOG_LEVEL="2")
     return env
 
 
