@@ -57,7 +57,7 @@ class Placement:
         process_index: this host's index.
         strategy: the `tf.distribute.Strategy` (TensorFlow), else None.
         distribution: the `keras.distribution.Distribution` (JAX), else None.
-        description: one line for logs, e.g. "TPUStrategy over 8 TPU cores".
+        description: one line for logs, e.g. "DataParallel over 8 TPU devices".
     """
 
     backend: str

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs what the tests need, then runs the whole suite once per Keras
-# backend (jax, tensorflow, torch) and prints one total.
+# backend (jax, tensorflow, torch), then the Colab lane (tests/colab_lane.sh:
+# the built wheel on Colab's TPU-runtime versions, JAX), and prints one total.
 #   bash tests/run_all_backends.sh            # everything, slow tests included
 #   bash tests/run_all_backends.sh -m "not slow"   # extra args go to pytest
-# Set SKIP_INSTALL=1 to use the environment as it is.
+# Set SKIP_INSTALL=1 to use the environment as it is, SKIP_COLAB=1 to leave
+# the Colab lane out (it needs Python 3.13).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -16,9 +18,15 @@ reports=$(mktemp -d)
 status=0
 for backend in jax tensorflow torch; do
   echo "=== KERAS_BACKEND=$backend ==="
+  begin=$(date +%s)
   KERAS_BACKEND=$backend "$PYTHON" -m pytest -q -p no:cacheprovider \
     --junitxml="$reports/$backend.xml" "$@" || status=1
+  echo "=== $backend: $(( $(date +%s) - begin )) s ==="
 done
+if [ "${SKIP_COLAB:-0}" != 1 ]; then
+  echo "=== Colab lane: Python 3.13, Colab's TPU-runtime versions, the built wheel, JAX ==="
+  PYTHON="$PYTHON" bash tests/colab_lane.sh "$reports/colab.xml" || status=1
+fi
 "$PYTHON" - "$reports" <<'PY'
 import pathlib, sys, xml.etree.ElementTree as ET
 totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}

@@ -239,3 +239,119 @@ def test_memory_estimate_counts_the_real_parameters():
 def test_tpu_argument_is_refused_off_tensorflow():
     with pytest.raises(ValueError, match=f"the {BACKEND} backend finds its devices itself"):
         distribute.setup("auto", tpu="my-tpu")
+
+
+# --- Batch plans ----------------------------------------------------------------
+
+
+def _chip(name, gib, kind="tpu"):
+    return distribute.DeviceMemory(kind=kind, name=name, bytes=gib * distribute.GIB, source="test")
+
+
+def _arch(variant, num_classes=10, image_size=224):
+    from keras_mixer.model import variant_config
+
+    return dict(variant_config(variant), image_shape=(image_size, image_size, 3),
+                num_classes=num_classes)
+
+
+def test_training_memory_of_a_model_equals_the_variant_arithmetic():
+    from keras_mixer import MLPMixer
+
+    model = MLPMixer.from_variant("S/32", image_shape=(64, 96, 3), num_classes=7,
+                                  patch_size=(16, 32))
+    estimate = distribute.training_memory(model, batch_per_replica=4)
+    assert estimate["params"] == model.count_params()
+    # A dict of the same arguments gives the same figures.
+    assert distribute.training_memory(model.get_config(), 4) == estimate
+    assert distribute.memory_per_device("S/32", 8) == distribute.training_memory(
+        _arch("S/32", 1000), 8)
+
+
+@pytest.mark.parametrize("chip, gib, variant, batch, accum", [
+    # Fine-tuning at 224 (recipe batch 512), bfloat16, SGD state.
+    ("TPU v5 lite", 16, "B/16", 512, 4),
+    ("TPU v6 lite", 32, "B/16", 512, 2),
+    ("TPU v5 lite", 16, "S/16", 512, 2),
+    ("TPU v6 lite", 32, "S/16", 512, 1),
+])
+def test_plan_keeps_the_global_batch_and_accumulates_until_it_fits(chip, gib, variant, batch, accum):
+    memory = _chip(chip, gib)
+    plan = distribute.plan_batch(_arch(variant), batch, mixed_precision=True, memory=memory,
+                                 state_bytes=12, steps_per_epoch=500, total_updates=10_000)
+    assert (plan.grad_accum_steps, plan.global_batch) == (accum, batch)
+    assert plan.step_batch * plan.grad_accum_steps == batch
+    assert plan.fits and plan.estimated_bytes <= 0.8 * memory.bytes
+    # The fewest: one accumulation step less would not fit.
+    if accum > 1:
+        fewer = distribute.training_memory(_arch(variant), batch // (accum // 2), 1, 2, 12)
+        assert fewer["total"] > plan.budget_bytes
+    # Several steps per compiled call on a TPU, dividing the 500-update epoch.
+    assert plan.steps_per_execution == 25
+    assert (500 * accum) % plan.steps_per_execution == 0
+    assert f"global batch {batch}" in plan.describe() and chip in plan.describe()
+
+
+def test_plan_on_gpu_cpu_and_replicas():
+    # float32 needs twice the activations of bfloat16: more accumulation.
+    bf16 = distribute.plan_batch(_arch("B/16"), 512, mixed_precision=True, memory=_chip("A", 16))
+    fp32 = distribute.plan_batch(_arch("B/16"), 512, mixed_precision=False, memory=_chip("A", 16))
+    assert fp32.grad_accum_steps == 2 * bf16.grad_accum_steps
+    gpu = distribute.plan_batch(_arch("B/16"), 512, mixed_precision=True,
+                                memory=_chip("NVIDIA H200", 139, kind="gpu"),
+                                steps_per_epoch=500, total_updates=10_000)
+    assert gpu.grad_accum_steps == 1 and gpu.steps_per_execution == 1  # spe > 1 on TPUs only
+    # Kaggle's v5e-8: eight replicas share each step's batch.
+    eight = distribute.Placement(backend=BACKEND, mode="data", num_replicas=8, num_devices=8)
+    plan = distribute.plan_batch(_arch("B/16"), 512, eight, mixed_precision=True,
+                                 memory=_chip("TPU v5 lite", 16))
+    assert plan.grad_accum_steps == 1 and plan.per_device_batch == 64
+    # Fixed settings are kept; too little memory is said.
+    fixed = distribute.plan_batch(_arch("B/16"), 512, grad_accum_steps=2, steps_per_execution=4,
+                                  memory=_chip("small", 1, kind="cpu"))
+    assert (fixed.grad_accum_steps, fixed.steps_per_execution, fixed.fits) == (2, 4, False)
+    tiny = distribute.plan_batch(_arch("S/32", image_size=32), 64, memory=_chip("CPU", 8, "cpu"))
+    assert (tiny.grad_accum_steps, tiny.mixed_precision, tiny.steps_per_execution) == (1, False, 1)
+
+
+def test_mixed_precision_auto_follows_the_device():
+    assert distribute.choose_mixed_precision("auto", _chip("TPU v5 lite", 16))
+    assert distribute.choose_mixed_precision("auto", _chip("H200", 139, kind="gpu"))
+    assert not distribute.choose_mixed_precision("auto", _chip("CPU", 24, kind="cpu"))
+    assert distribute.choose_mixed_precision(True, _chip("CPU", 24, kind="cpu"))
+
+
+def test_device_memory_here_and_its_override(monkeypatch):
+    memory = distribute.device_memory()
+    if distribute.cpu_only():
+        assert memory.kind == "cpu" and 0 < memory.bytes <= distribute._host_memory_bytes()
+    monkeypatch.setenv("KERAS_MIXER_DEVICE_MEMORY_GB", "16")
+    assert distribute.device_memory().bytes == 16 * 10 ** 9
+    assert distribute._tpu_table_bytes("TPU v5 lite") == 16 * distribute.GIB
+    assert distribute._tpu_table_bytes("TPU v6 lite") == 32 * distribute.GIB
+
+
+def test_train_prints_and_keeps_its_plan(tmp_path, capsys, monkeypatch):
+    from keras_mixer import configs, training
+
+    config = configs.get("digits")
+    config.update(train_steps=4, steps_per_epoch=2, eval_split=None, batch_size=64,
+                  checkpoint_every=2)
+    # As on a 16 GB accelerator that cannot hold 64 images: the run
+    # accumulates, and a resume on roomier hardware keeps the first plan.
+    model = training.make_model(training.resolve_config(config), (8, 8, 1), 10)
+    per_image = distribute.training_memory(model, 1)
+    small = distribute.DeviceMemory("cpu", "small", int((per_image["state"] + 40 * (
+        per_image["activations"])) / 0.6), "test")
+    monkeypatch.setattr(distribute, "device_memory", lambda placement=None: small)
+    training.train(dict(config, train_steps=2), tmp_path, verbose=0, distribution="none")
+    printed = capsys.readouterr().out
+    assert "Batch plan: global batch 64 = 2 accumulated steps of 32" in printed
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["grad_accum_steps"] == 2 and plan["step_batch"] == 32
+    monkeypatch.setattr(distribute, "device_memory",
+                        lambda placement=None: _chip("big", 64, kind="cpu"))
+    with pytest.raises(ValueError, match="different config"):
+        training.train(config, tmp_path, verbose=0, distribution="none")  # train_steps differs
+    result = training.train(dict(config, train_steps=2), tmp_path, verbose=0, distribution="none")
+    assert "2 accumulated steps of 32" in result["batch_plan"]

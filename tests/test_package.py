@@ -63,3 +63,28 @@ def test_readme_table_lists_exactly_the_released_checkpoints():
     assert names == list(weights.RELEASED)
     for name, row in zip(names, rows):
         assert f'from_checkpoint("{name}"' in row
+
+
+def test_the_installed_package_is_the_one_tested():
+    """In the Colab lane (KERAS_MIXER_TEST_INSTALLED=1) the wheel, not the
+    checkout, is imported, and it holds what a user needs."""
+    import importlib.metadata
+    import pathlib
+    import re
+
+    from conftest import INSTALLED
+    from keras_mixer import configs
+
+    version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)[1]
+    assert importlib.metadata.version("keras-mixer") == version
+    # Every config ships, and nothing under tests/ or notebooks/ does.
+    shipped = {p.stem for p in (ROOT / "keras_mixer" / "configs").glob("*.py")} - {"__init__"}
+    assert set(configs.available()) == shipped
+    package = pathlib.Path(keras_mixer.__file__).resolve().parent
+    if INSTALLED:
+        assert ROOT not in package.parents, f"{package} is the checkout, not the installed wheel"
+        assert "site-packages" in package.parts
+        files = importlib.metadata.files("keras-mixer")
+        assert not [f for f in files if str(f).startswith(("tests/", "notebooks/"))]
+    else:
+        assert package == ROOT / "keras_mixer"

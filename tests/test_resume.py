@@ -12,6 +12,7 @@ import pytest
 
 from keras_mixer import checkpoint
 from keras_mixer.model import MLPMixer
+from conftest import INSTALLED
 from conftest import ROOT
 from conftest import subprocess_env
 
@@ -21,10 +22,14 @@ ARGS = ["--config", "digits", "--verbose", "0", "--set", "epochs=8", "batch_size
         "checkpoint_every=4", *TINY]  # 88 steps
 TOTAL = 88
 
+# -P: the checkout is not put on sys.path, so in the Colab lane train.py
+# runs the installed wheel.
+PYTHON_FLAGS = ["-P"] if INSTALLED else []
+
 
 def start(workdir):
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir), *ARGS],
+        [sys.executable, *PYTHON_FLAGS, str(ROOT / "train.py"), "--workdir", str(workdir), *ARGS],
         cwd=ROOT, env=subprocess_env(keras.backend.backend()),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

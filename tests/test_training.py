@@ -15,8 +15,13 @@ from keras_mixer.weights import official_variables
 from keras_mixer.data import digits_datasets
 from keras_mixer.data import load_digits
 from base import to_numpy
+from conftest import INSTALLED
 from conftest import ROOT
 from conftest import subprocess_env
+
+# -P: the checkout is not put on sys.path, so in the Colab lane train.py
+# runs the installed wheel.
+PYTHON_FLAGS = ["-P"] if INSTALLED else []
 
 
 def tiny_config(**overrides):
@@ -244,7 +249,7 @@ def test_cifar10_finetune_runs_on_mock_data_from_a_checkpoint(tmp_path):
 
 def run_train_py(args, timeout):
     return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
+        [sys.executable, *PYTHON_FLAGS, str(ROOT / "train.py"), *args], cwd=ROOT,
         env=subprocess_env(keras.backend.backend()), capture_output=True,
         text=True, timeout=timeout,
     )

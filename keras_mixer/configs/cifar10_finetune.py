@@ -8,9 +8,9 @@ https://storage.googleapis.com/mixer_models/imagenet21k/Mixer-B_16.npz,
 downloaded once into ~/.keras/mixer_models (or pass a local copy with
 `--set init_checkpoint=/path/to/Mixer-B_16.npz`, or set KERAS_MIXER_MIRROR);
 CIFAR-10 comes from tensorflow-datasets (`tfds build cifar10`, or add
-`download=True`). Hardware: a TPU v2/v3-8 or one large GPU; on a single
-16 GB GPU add `grad_accum_steps=8` (the official code's setting), which
-keeps the batch of 512. Expected: 96.82% test accuracy (the official
+`download=True`). Hardware: the batch plan keeps the batch of 512 and
+accumulates gradients where it does not fit (4 steps of 128 in bfloat16 on
+Colab's v5e chip, 2 of 256 on a v6e chip; docs/distributed.md). Expected: 96.82% test accuracy (the official
 vit_jax code's figure for Mixer-B/16 from ImageNet-21k) after 10k steps.
 
 Recipe "finetune": SGD momentum 0.9, cosine decay after 500 warmup steps,

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The Colab lane: the built wheel of this project, installed the way a
+# Colab user gets it, on the software of Colab's TPU runtime (Python 3.13,
+# tests/colab-constraints.txt), on the JAX backend. Runs the notebooks
+# (smoke mode, default cache) and the model, weights and training tests.
+#   bash tests/colab_lane.sh [junit.xml] [pytest args...]
+# Python 3.13 is $COLAB_PYTHON, else python3.13 on PATH, else pyenv's.
+# The environment is kept in .venv-colab between runs (the wheel is always
+# reinstalled). Called by tests/run_all_backends.sh.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+report=${1:-}
+shift || true
+start=$(date +%s)
+
+find_python() {
+  if [ -n "${COLAB_PYTHON:-}" ]; then echo "$COLAB_PYTHON"; return; fi
+  if command -v python3.13 >/dev/null; then command -v python3.13; return; fi
+  local root
+  root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
+  ls -d "$root"/versions/3.13*/bin/python 2>/dev/null | sort -V | tail -1
+}
+py313=$(find_python)
+if [ -z "$py313" ] || ! "$py313" -c 'import sys; assert sys.version_info[:2] == (3, 13)' 2>/dev/null; then
+  echo "colab lane: no Python 3.13 found (set COLAB_PYTHON, or SKIP_COLAB=1 to leave the lane out)" >&2
+  exit 1
+fi
+
+PYTHON=${PYTHON:-python}
+dist=$(mktemp -d)
+"$PYTHON" -m build --wheel --outdir "$dist" . >"$dist/build.log" 2>&1 || { cat "$dist/build.log"; exit 1; }
+wheel=$(ls "$dist"/keras_mixer-*.whl)
+
+venv=.venv-colab
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import sys; assert sys.version_info[:2] == (3, 13)' 2>/dev/null; then
+  rm -rf "$venv"
+  "$py313" -m venv "$venv" || exit 1
+fi
+pip=("$venv/bin/python" -m pip install -q -c tests/colab-constraints.txt)
+"${pip[@]}" --upgrade pip || exit 1
+"${pip[@]}" "$wheel[test,viz,litert]" || exit 1
+"${pip[@]}" --force-reinstall --no-deps "$wheel" || exit 1
+"$venv/bin/python" -c 'import keras, jax, numpy, tensorflow, sys; print(f"colab lane: Python {sys.version.split()[0]}, keras {keras.__version__}, jax {jax.__version__}, numpy {numpy.__version__}, tensorflow {tensorflow.__version__}")' 2>/dev/null
+echo "colab lane: set up in $(( $(date +%s) - start )) s"
+
+# The venv's pytest, not `python -m pytest`: the checkout must not be on
+# sys.path, so every import of keras_mixer is the installed wheel's.
+KERAS_BACKEND=jax KERAS_MIXER_TEST_INSTALLED=1 TF_CPP_MIN_LOG_LEVEL=2 \
+  "$venv/bin/pytest" -q -p no:cacheprovider -m "not slow" \
+  ${report:+--junitxml="$report"} \
+  tests/test_package.py tests/test_model.py tests/test_layers.py tests/test_weights.py \
+  tests/test_pretrained.py tests/test_training.py tests/test_notebooks.py "$@"
+status=$?
+rm -rf "$dist"
+echo "colab lane: $(( $(date +%s) - start )) s in all"
+exit $status
