@@ -13,15 +13,19 @@ report=${1:-}
 shift || true
 start=$(date +%s)
 
+is_313() { [ -n "$1" ] && "$1" -c 'import sys; assert sys.version_info[:2] == (3, 13)' 2>/dev/null; }
 find_python() {
-  if [ -n "${COLAB_PYTHON:-}" ]; then echo "$COLAB_PYTHON"; return; fi
-  if command -v python3.13 >/dev/null; then command -v python3.13; return; fi
-  local root
+  # pyenv's shim for python3.13 exists even where it refuses to run, so
+  # each candidate is run, not just found.
+  local root candidate
   root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
-  ls -d "$root"/versions/3.13*/bin/python 2>/dev/null | sort -V | tail -1
+  for candidate in "${COLAB_PYTHON:-}" "$(command -v python3.13)" \
+      $(ls -d "$root"/versions/3.13*/bin/python 2>/dev/null | sort -rV); do
+    if is_313 "$candidate"; then echo "$candidate"; return; fi
+  done
 }
 py313=$(find_python)
-if [ -z "$py313" ] || ! "$py313" -c 'import sys; assert sys.version_info[:2] == (3, 13)' 2>/dev/null; then
+if [ -z "$py313" ]; then
   echo "colab lane: no Python 3.13 found (set COLAB_PYTHON, or SKIP_COLAB=1 to leave the lane out)" >&2
   exit 1
 fi
@@ -32,7 +36,7 @@ dist=$(mktemp -d)
 wheel=$(ls "$dist"/keras_mixer-*.whl)
 
 venv=.venv-colab
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import sys; assert sys.version_info[:2] == (3, 13)' 2>/dev/null; then
+if ! is_313 "$venv/bin/python"; then
   rm -rf "$venv"
   "$py313" -m venv "$venv" || exit 1
 fi

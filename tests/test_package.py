@@ -82,8 +82,8 @@ def test_the_installed_package_is_the_one_tested():
     assert set(configs.available()) == shipped
     package = pathlib.Path(keras_mixer.__file__).resolve().parent
     if INSTALLED:
-        assert ROOT not in package.parents, f"{package} is the checkout, not the installed wheel"
-        assert "site-packages" in package.parts
+        assert package != ROOT / "keras_mixer", "the checkout was imported, not the installed wheel"
+        assert "site-packages" in package.parts, package
         files = importlib.metadata.files("keras-mixer")
         assert not [f for f in files if str(f).startswith(("tests/", "notebooks/"))]
     else:
