@@ -268,18 +268,21 @@ def test_training_memory_of_a_model_equals_the_variant_arithmetic():
         _arch("S/32", 1000), 8)
 
 
-@pytest.mark.parametrize("chip, gib, variant, batch, accum", [
-    # Fine-tuning at 224 (recipe batch 512), bfloat16, SGD state.
-    ("TPU v5 lite", 16, "B/16", 512, 4),
-    ("TPU v6 lite", 32, "B/16", 512, 2),
-    ("TPU v5 lite", 16, "S/16", 512, 2),
-    ("TPU v6 lite", 32, "S/16", 512, 1),
+@pytest.mark.parametrize("chip, gib, variant, batch, accum, gib_used", [
+    # Fine-tuning at 224 (recipe batch 512), bfloat16, SGD state: the
+    # figures of docs/distributed.md.
+    ("TPU v5 lite", 16, "B/16", 512, 4, 8.4),
+    ("TPU v6 lite", 32, "B/16", 512, 2, 16.2),
+    ("TPU v5 lite", 16, "S/16", 512, 2, 6.7),
+    ("TPU v6 lite", 32, "S/16", 512, 1, 13.1),
 ])
-def test_plan_keeps_the_global_batch_and_accumulates_until_it_fits(chip, gib, variant, batch, accum):
+def test_plan_keeps_the_global_batch_and_accumulates_until_it_fits(chip, gib, variant, batch, accum,
+                                                                   gib_used):
     memory = _chip(chip, gib)
     plan = distribute.plan_batch(_arch(variant), batch, mixed_precision=True, memory=memory,
                                  state_bytes=12, steps_per_epoch=500, total_updates=10_000)
     assert (plan.grad_accum_steps, plan.global_batch) == (accum, batch)
+    assert round(plan.estimated_bytes / distribute.GIB, 1) == gib_used
     assert plan.step_batch * plan.grad_accum_steps == batch
     assert plan.fits and plan.estimated_bytes <= 0.8 * memory.bytes
     # The fewest: one accumulation step less would not fit.
@@ -355,3 +358,17 @@ def test_train_prints_and_keeps_its_plan(tmp_path, capsys, monkeypatch):
         training.train(config, tmp_path, verbose=0, distribution="none")  # train_steps differs
     result = training.train(dict(config, train_steps=2), tmp_path, verbose=0, distribution="none")
     assert "2 accumulated steps of 32" in result["batch_plan"]
+
+
+@pytest.mark.parametrize("chip, gib, variant, accum, gib_used", [
+    # Pretraining at 224 (recipe batch 4096), bfloat16, Adam state, 1000 classes.
+    ("TPU v5 lite", 16, "S/16", 16, 6.7), ("TPU v6 lite", 32, "S/16", 8, 13.2),
+    ("TPU v5 lite", 16, "B/16", 32, 8.7), ("TPU v6 lite", 32, "B/16", 16, 16.5),
+])
+def test_pretraining_plans_in_docs(chip, gib, variant, accum, gib_used):
+    plan = distribute.plan_batch(_arch(variant, 1000), 4096, mixed_precision=True,
+                                 memory=_chip(chip, gib), steps_per_epoch=312,
+                                 total_updates=312 * 300)
+    assert plan.grad_accum_steps == accum
+    assert round(plan.estimated_bytes / distribute.GIB, 1) == gib_used
+    assert plan.steps_per_execution == 32
