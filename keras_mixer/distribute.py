@@ -649,8 +649,8 @@ class BatchPlan:
             f"global batch {self.global_batch}{accum}, {self.per_device_batch} per device "
             f"on {self.num_replicas} x {self.memory.describe()}; "
             f"{'bfloat16' if self.mixed_precision else 'float32'}; steps_per_execution "
-            f"{self.steps_per_execution}; estimated {self.estimated_bytes / GIB:.1f} GiB per "
-            f"device of a {self.budget_bytes / GIB:.1f} GiB budget"
+            f"{self.steps_per_execution}; estimated {_size(self.estimated_bytes)} per "
+            f"device of a {_size(self.budget_bytes)} budget"
         )
 
     def to_dict(self):
@@ -658,6 +658,13 @@ class BatchPlan:
         out["memory"] = dataclasses.asdict(self.memory)
         out["description"] = self.describe()
         return out
+
+
+def _size(num_bytes):
+    """Bytes as GiB, or MiB below one GiB (a digits model needs 13 MiB)."""
+    if num_bytes < GIB:
+        return f"{num_bytes / 1024 ** 2:.0f} MiB"
+    return f"{num_bytes / GIB:.1f} GiB"
 
 
 def _divisors(n):
