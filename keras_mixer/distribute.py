@@ -701,6 +701,8 @@ def plan_batch(model, global_batch, placement=None, mixed_precision=False,
         A `BatchPlan`; `plan.fits` is False (and a warning says what to do)
         when even one image per device exceeds the estimate's budget.
     """
+    if placement is not None:
+        placement.check_batch_size(global_batch)  # with the multiples that would split
     memory = memory or device_memory(placement)
     replicas = getattr(placement, "num_replicas", 1) or 1
     model_parallel = getattr(placement, "model_parallel_size", 1) or 1
@@ -712,11 +714,9 @@ def plan_batch(model, global_batch, placement=None, mixed_precision=False,
         return training_memory(model, per_device, model_parallel, act_bytes, state_bytes)["total"]
 
     if grad_accum_steps == "auto":
-        # Accumulated steps must split the global batch evenly over replicas.
+        # Accumulated steps must split the global batch evenly over replicas
+        # (1 always does: the global batch was checked above).
         options = [a for a in _divisors(global_batch) if (global_batch // a) % replicas == 0]
-        if not options:
-            raise ValueError(
-                f"batch_size={global_batch} does not split over {replicas} replicas.")
         accum = next((a for a in options if estimate(a) <= budget), options[-1])
     else:
         accum = int(grad_accum_steps)

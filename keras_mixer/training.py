@@ -915,6 +915,9 @@ def _saved_plan(path, config):
 
 
 def _train(config, workdir, verbose, placement, memory, saved_plan):
+    # A global batch that cannot split over the replicas fails here, before
+    # the data is listed and a checkpoint read for the plan.
+    placement.check_batch_size(config["batch_size"])
     sources = make_sources(config)
     image_shape = _image_shape(config)
     model = make_model(config, image_shape, sources.num_classes)

@@ -309,6 +309,9 @@ def test_plan_on_gpu_cpu_and_replicas():
     plan = distribute.plan_batch(_arch("B/16"), 512, eight, mixed_precision=True,
                                  memory=_chip("TPU v5 lite", 16))
     assert plan.grad_accum_steps == 1 and plan.per_device_batch == 64
+    # A global batch that cannot split gets the placement's own advice.
+    with pytest.raises(ValueError, match=r"batch_size=100 \(the global batch\) does not split over the 8 replicas.*e\.g\. 96 or 104"):
+        distribute.plan_batch(_arch("B/16"), 100, eight, memory=_chip("TPU v5 lite", 16))
     # Fixed settings are kept; too little memory is said.
     fixed = distribute.plan_batch(_arch("B/16"), 512, grad_accum_steps=2, steps_per_execution=4,
                                   memory=_chip("small", 1, kind="cpu"))
