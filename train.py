@@ -6,6 +6,9 @@
     python train.py --config my_config.py --set learning_rate=3e-4 model.dropout_rate=0.1
     python train.py --eval_only --checkpoint runs/x/model.keras --config digits
 
+Every config key is set with --set KEY=VALUE (listed at the end of --help,
+from the schema in keras_mixer/config.py); an unknown key is an error.
+
 Running the same command with the same --workdir again resumes the run at
 the exact step of its last checkpoint (written every `checkpoint_every`
 steps, every epoch, and on SIGTERM).
@@ -21,6 +24,7 @@ variable (default: tensorflow, or what ~/.keras/keras.json says).
 
 import argparse
 import datetime
+import importlib.util
 import os
 import pathlib
 import sys
@@ -28,9 +32,19 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Keep TF's start-up chatter out.
 
 
+def _schema_help():
+    # The key list comes from the schema itself, so --help cannot go stale.
+    try:
+        from keras_mixer import config
+    except ImportError:
+        return None
+    return config.describe()
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, epilog=_schema_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--config", default="digits",
@@ -50,11 +64,6 @@ def parse_args(argv):
         "best.keras, model.keras, results.json (default: runs/<config>-<date>-<time>); "
         "an existing one is resumed",
     )
-    parser.add_argument("--epochs", type=int, help="shorthand for --set epochs=N")
-    parser.add_argument("--batch_size", type=int, help="shorthand for --set batch_size=N (global)")
-    parser.add_argument("--learning_rate", type=float, help="shorthand for --set learning_rate=X (peak)")
-    parser.add_argument("--weight_decay", type=float, help="shorthand for --set weight_decay=X")
-    parser.add_argument("--seed", type=int, help="shorthand for --set seed=N (data order, augmentation, init)")
     parser.add_argument(
         "--distribution", choices=("auto", "data", "model", "none"), default="auto",
         help="devices: auto (every TPU core/GPU/JAX device, data parallel), data, "
@@ -82,7 +91,8 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--eval_only", action="store_true",
-        help="evaluate --checkpoint (a .keras file) on the config's eval split and exit",
+        help="evaluate --checkpoint (a .keras file) on the config's eval split and exit "
+        "(keras_mixer.evaluation, whose command also runs few-shot probes)",
     )
     parser.add_argument("--checkpoint", help="the .keras model that --eval_only evaluates")
     parser.add_argument(
@@ -96,27 +106,45 @@ def parse_args(argv):
     return args
 
 
+# What train.py needs beyond the core package, by the extra that installs it.
+EXTRAS = {"tensorflow": "train", "tensorflow_datasets": "train", "sklearn": "train",
+          "tensorboard": "train", "jax": "jax", "torch": "torch"}
+
+
+def missing_extras(backend):
+    """The `pip install` that train.py still needs on `backend`, or None."""
+    needed = ["tensorflow", "tensorflow_datasets", "sklearn", "tensorboard"]
+    if backend in ("jax", "torch"):
+        needed.append(backend)
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    extras = ",".join(sorted({EXTRAS[name] for name in missing}))
+    return (f"train.py needs {', '.join(missing)}, which this environment lacks: "
+            f'pip install "keras-mixer[{extras}]" (or pip install -e ".[{extras}]" in a checkout).')
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    problem = missing_extras(os.environ.get("KERAS_BACKEND", _keras_json_backend()))
+    if problem:
+        sys.exit(f"error: {problem}")
+    from keras_mixer import config as config_lib
+
+    # The config is checked before any device, data or model is touched.
+    config = config_lib.apply_overrides(config_lib.load(args.config), config_lib.parse_overrides(args.set))
+    config_lib.resolve(config)
     import keras
 
-    from keras_mixer import configs
     from keras_mixer import training
 
-    config = configs.get(args.config)
-    overrides = training.parse_overrides(args.set)
-    for key in ("epochs", "batch_size", "learning_rate", "weight_decay", "seed"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
-    config = training.apply_overrides(config, overrides)
     verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
     name = pathlib.Path(args.config).stem
     if args.eval_only:
-        metrics = training.evaluate(config, args.checkpoint, verbose=verbose)
-        print(
-            f"{args.checkpoint}: accuracy {metrics['accuracy']:.4f}, top-5 "
-            f"{metrics['top5']:.4f}, loss {metrics['loss']:.4f} on {keras.backend.backend()}"
-        )
+        from keras_mixer import evaluation
+
+        metrics = evaluation.evaluate(args.checkpoint, config)
+        print(evaluation.format_results(args.checkpoint, metrics) + f" ({keras.backend.backend()})")
         return metrics
     workdir = args.workdir or os.path.join(
         "runs", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
@@ -140,13 +168,14 @@ def main(argv=None):
         )
     print(f"saved {os.path.join(workdir, 'model.keras')} and {os.path.join(workdir, 'log.csv')}")
     if args.export and placement.is_chief:
+        from keras_mixer import data
         from keras_mixer import export
 
         try:
             report = export.export(
                 os.path.join(workdir, "model.keras"), os.path.join(workdir, "export"),
                 args.export, args.quantization,
-                representative_data=training.representative_images(config),
+                representative_data=data.representative_images(config_lib.resolve(config)),
             )
         except export.ExportError as error:
             print(f"export failed: {error}", file=sys.stderr)
@@ -156,12 +185,22 @@ def main(argv=None):
     return results
 
 
+def _keras_json_backend():
+    # Keras' own default when KERAS_BACKEND is unset: keras.json, else TensorFlow.
+    import json
+
+    path = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "keras.json")
+    try:
+        with open(path) as f:
+            return json.load(f).get("backend", "tensorflow")
+    except (OSError, ValueError):
+        return "tensorflow"
+
+
 def _ensure_malloc_tunables():
     """Runs keras_mixer/runtime.py's `ensure_malloc_tunables` before the
     package (and so Keras and a backend) is imported: it may re-execute this
     command once, and then only the interpreter start is repeated."""
-    import importlib.util
-
     package = importlib.util.find_spec("keras_mixer")
     if package is None or not package.submodule_search_locations:
         return  # Not installed: main() says so.

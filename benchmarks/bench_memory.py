@@ -7,7 +7,7 @@
 One subprocess per measurement (so that no run inherits another's heap),
 with the malloc settings `train.py` applies (`keras_mixer/runtime.py`). The
 worker builds the variant at 224x224 with 1000 classes, compiles it as
-`training.compile_model` does (Adam, `training.jit_compile_setting()`),
+`optim.compile_model` does (Adam, `distribute.jit_compile_setting()`),
 and runs `model.train_on_batch` on random images twice. It reads the
 kernel's resident-set counters (`/proc/self/status`):
 
@@ -20,7 +20,7 @@ kernel's resident-set counters (`/proc/self/status`):
   high-water mark is reset through `/proc/self/clear_refs` just before it).
 
 All three are above the baseline, in GiB. Next to them the analytic
-estimate of `keras_mixer.distribute.memory_per_device` (what
+estimate of `keras_mixer.plan.memory_per_device` (what
 `memory_estimate.py` prints). Settings: "plain" (float32), "remat" (each
 Mixer block recomputed in the backward pass: `MLPMixer(remat=True)`,
 through `keras.remat`), "bf16" (the "mixed_bfloat16" policy:
@@ -61,7 +61,7 @@ def worker(variant, batch, setting, image_size):
     import numpy as np
 
     from keras_mixer import MLPMixer
-    from keras_mixer import training
+    from keras_mixer import distribute
 
     # The baseline: interpreter, frameworks and a first backend op.
     keras.ops.convert_to_numpy(keras.ops.ones((8, 8)) @ keras.ops.ones((8, 8)))
@@ -74,7 +74,7 @@ def worker(variant, batch, setting, image_size):
     keras.config.set_dtype_policy("float32")
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=training.jit_compile_setting())
+                  jit_compile=distribute.jit_compile_setting())
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (batch, image_size, image_size, 3)).astype("float32")
     labels = rng.integers(0, 1000, batch).astype("int32")
@@ -98,9 +98,9 @@ def worker(variant, batch, setting, image_size):
 
 
 def estimate_gib(variant, batch, setting, image_size):
-    from keras_mixer import distribute
+    from keras_mixer import plan as plan_lib
 
-    est = distribute.memory_per_device(variant, batch, image_size=image_size,
+    est = plan_lib.memory_per_device(variant, batch, image_size=image_size,
                                        activation_bytes=2 if "bf16" in setting else 4,
                                        remat="remat" in setting)
     return est["total"] / GIB

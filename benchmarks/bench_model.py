@@ -34,11 +34,7 @@ table shows the median and the spread (min-max) of images/s, the ratio of
 the medians to the reference, the model's FLOP/s and the fraction of the
 backend's measured matmul peak (`gemm_peak.py`, same process and dtype).
 
-FLOPs (counted analytically, per image, multiply-adds as 2): stem
-2*T*(ph*pw*c)*C; per block, token mixing 2*C*(2*T*D_S) and channel mixing
-2*T*(2*C*D_C); head 2*C*classes. LayerNorm, GELU and the residual adds are
-left out (under 1% here). A training step counts 3x the forward FLOPs
-(forward, then gradients of activations and of weights).
+The configs and their FLOP counts are `shapes.py`'s.
 """
 
 import argparse
@@ -53,29 +49,20 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-# image, patch, blocks, hidden C, tokens D_S, channels D_C, classes, batch
-CONFIGS = {
-    "small": dict(image=32, patch=4, blocks=8, hidden=256, tokens=128, channels=1024, classes=10, batch=32),
-    "s16": dict(image=224, patch=16, blocks=8, hidden=512, tokens=256, channels=2048, classes=1000, batch=8),
-    "b16": dict(image=224, patch=16, blocks=12, hidden=768, tokens=384, channels=3072, classes=1000, batch=8),
-}
+from shapes import CONFIGS  # noqa: E402
+from shapes import arch  # noqa: E402
+from shapes import forward_flops  # noqa: E402
+from shapes import num_tokens  # noqa: E402
+
 REFERENCES = {"jax": "flax", "tensorflow": "tf_xla", "torch": "timm"}
-
-
-def forward_flops(cfg):
-    tokens = (cfg["image"] // cfg["patch"]) ** 2
-    c = cfg["hidden"]
-    stem = 2 * tokens * (cfg["patch"] ** 2 * 3) * c
-    block = 2 * c * (2 * tokens * cfg["tokens"]) + 2 * tokens * (2 * c * cfg["channels"])
-    return stem + cfg["blocks"] * block + 2 * c * cfg["classes"]
 
 
 def _data(cfg, seed=0):
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    images = rng.uniform(0, 255, (cfg["batch"], cfg["image"], cfg["image"], 3)).astype("float32")
-    labels = rng.integers(0, cfg["classes"], cfg["batch"]).astype("int32")
+    images = rng.uniform(0, 255, (cfg["batch"], *cfg["image_shape"])).astype("float32")
+    labels = rng.integers(0, cfg["num_classes"], cfg["batch"]).astype("int32")
     return images, labels
 
 
@@ -86,20 +73,15 @@ def keras_runner(cfg, dtype, gelu_approximate=True, jit_compile=None):
     import keras
 
     from keras_mixer import MLPMixer
-    from keras_mixer import training
+    from keras_mixer import distribute
 
     keras.config.set_dtype_policy("mixed_bfloat16" if dtype == "bfloat16" else "float32")
-    model = MLPMixer(
-        image_shape=(cfg["image"], cfg["image"], 3), patch_size=cfg["patch"],
-        num_blocks=cfg["blocks"], hidden_dim=cfg["hidden"], tokens_mlp_dim=cfg["tokens"],
-        channels_mlp_dim=cfg["channels"], num_classes=cfg["classes"],
-        gelu_approximate=gelu_approximate,
-    )
+    model = MLPMixer(**arch(cfg), gelu_approximate=gelu_approximate)
     keras.config.set_dtype_policy("float32")
     # XLA as `train.py` compiles (Keras' "auto" leaves TensorFlow on CPU without it).
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=training.jit_compile_setting() if jit_compile is None else jit_compile)
+                  jit_compile=distribute.jit_compile_setting() if jit_compile is None else jit_compile)
     images, labels = _data(cfg)
 
     def train():
@@ -121,9 +103,9 @@ def flax_runner(cfg, dtype):
     import optax
 
     module = flax_reference.MlpMixer(
-        patch_size=(cfg["patch"], cfg["patch"]), num_blocks=cfg["blocks"],
-        hidden_dim=cfg["hidden"], tokens_mlp_dim=cfg["tokens"],
-        channels_mlp_dim=cfg["channels"], num_classes=cfg["classes"],
+        patch_size=(cfg["patch_size"], cfg["patch_size"]), num_blocks=cfg["num_blocks"],
+        hidden_dim=cfg["hidden_dim"], tokens_mlp_dim=cfg["tokens_mlp_dim"],
+        channels_mlp_dim=cfg["channels_mlp_dim"], num_classes=cfg["num_classes"],
         dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
     )
     images, labels = _data(cfg)
@@ -161,24 +143,24 @@ def tf_xla_runner(cfg, dtype):
 
     compute = tf.bfloat16 if dtype == "bfloat16" else tf.float32
     rng = tf.random.Generator.from_seed(0)
-    tokens = (cfg["image"] // cfg["patch"]) ** 2
-    c, p = cfg["hidden"], cfg["patch"]
+    tokens = num_tokens(cfg)
+    c, p = cfg["hidden_dim"], cfg["patch_size"]
 
     def var(shape, fan_in):
         return tf.Variable(rng.normal(shape) / fan_in ** 0.5)
 
     weights = {"stem_k": var((p, p, 3, c), p * p * 3), "stem_b": tf.Variable(tf.zeros([c]))}
-    for i in range(cfg["blocks"]):
+    for i in range(cfg["num_blocks"]):
         for n in ("ln0", "ln1"):
             weights[f"{i}{n}_g"], weights[f"{i}{n}_b"] = tf.Variable(tf.ones([c])), tf.Variable(tf.zeros([c]))
-        for name, width, hidden in (("tok", tokens, cfg["tokens"]), ("ch", c, cfg["channels"])):
+        for name, width, hidden in (("tok", tokens, cfg["tokens_mlp_dim"]), ("ch", c, cfg["channels_mlp_dim"])):
             weights[f"{i}{name}_w0"] = var((width, hidden), width)
             weights[f"{i}{name}_b0"] = tf.Variable(tf.zeros([hidden]))
             weights[f"{i}{name}_w1"] = var((hidden, width), hidden)
             weights[f"{i}{name}_b1"] = tf.Variable(tf.zeros([width]))
     weights["ln_g"], weights["ln_b"] = tf.Variable(tf.ones([c])), tf.Variable(tf.zeros([c]))
-    weights["head_w"] = tf.Variable(tf.zeros([c, cfg["classes"]]))
-    weights["head_b"] = tf.Variable(tf.zeros([cfg["classes"]]))
+    weights["head_w"] = tf.Variable(tf.zeros([c, cfg["num_classes"]]))
+    weights["head_b"] = tf.Variable(tf.zeros([cfg["num_classes"]]))
     keys = sorted(weights)
     variables = [weights[k] for k in keys]
     moments = [(tf.Variable(tf.zeros_like(v)), tf.Variable(tf.zeros_like(v))) for v in variables]
@@ -201,7 +183,7 @@ def tf_xla_runner(cfg, dtype):
         x = tf.cast(images / 127.5 - 1.0, compute)
         x = tf.nn.conv2d(x, w("stem_k"), strides=p, padding="VALID") + w("stem_b")
         x = tf.reshape(x, (-1, tokens, c))
-        for i in range(cfg["blocks"]):
+        for i in range(cfg["num_blocks"]):
             y = tf.transpose(norm(x, f"{i}ln0"), (0, 2, 1))
             x = x + tf.transpose(mlp(y, f"{i}tok"), (0, 2, 1))
             x = x + mlp(norm(x, f"{i}ln1"), f"{i}ch")
@@ -233,9 +215,9 @@ def timm_runner(cfg, dtype):
     from timm.models.mlp_mixer import MlpMixer
 
     model = MlpMixer(
-        num_classes=cfg["classes"], img_size=cfg["image"], patch_size=cfg["patch"],
-        num_blocks=cfg["blocks"], embed_dim=cfg["hidden"],
-        mlp_ratio=(cfg["tokens"] / cfg["hidden"], cfg["channels"] / cfg["hidden"]),
+        num_classes=cfg["num_classes"], img_size=cfg["image_shape"][0], patch_size=cfg["patch_size"],
+        num_blocks=cfg["num_blocks"], embed_dim=cfg["hidden_dim"],
+        mlp_ratio=(cfg["tokens_mlp_dim"] / cfg["hidden_dim"], cfg["channels_mlp_dim"] / cfg["hidden_dim"]),
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     images, labels = _data(cfg)

@@ -13,13 +13,13 @@ import keras
 import numpy as np
 
 from keras_mixer import MLPMixer
-from keras_mixer import load_official_params
+from keras_mixer import load_official
 from keras_mixer import load_timm
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 CASES = (
     # fixture, loader, key prefix, GELU of that implementation
-    ("official_flax_mixer_tiny.npz", load_official_params, "params/", True),
+    ("official_flax_mixer_tiny.npz", load_official, "params/", True),
     ("timm_mixer_tiny.npz", load_timm, "state_dict/", False),
 )
 

@@ -9,7 +9,7 @@ Times an n x n by n x n matmul (2 n^3 FLOPs) in each backend's own library
 subprocess per backend, after a warm-up; the median of `--repeats`. This is
 the peak `bench_model.py` reports the models' FLOP/s against.
 
-With `--config` (one of `bench_model.py`'s), it times instead the matmuls
+With `--config` (one of `shapes.CONFIGS`), it times instead the matmuls
 of that config's training step at their real shapes, alone: for each of the
 model's GEMMs (stem, token-mixing and channel-mixing Dense layers, head),
 the forward product and the two of its backward pass (gradients of the
@@ -74,29 +74,12 @@ def measure(backend, dtype, n=2048, repeats=5):
     return 2 * n ** 3 / _median_seconds(_matmul(backend, dtype, n), repeats) / 1e9
 
 
-def training_gemms(cfg):
-    """(m, k, n, count) of every matmul in a training step of a Mixer config."""
-    batch, tokens = cfg["batch"], (cfg["image"] // cfg["patch"]) ** 2
-    c, blocks = cfg["hidden"], cfg["blocks"]
-    forward = [  # (rows, inputs, outputs, times per step)
-        (batch * tokens, cfg["patch"] ** 2 * 3, c, 1),   # stem (a strided conv = a GEMM)
-        (batch * c, tokens, cfg["tokens"], blocks),      # token mixing, Dense_0
-        (batch * c, cfg["tokens"], tokens, blocks),      # token mixing, Dense_1
-        (batch * tokens, c, cfg["channels"], blocks),    # channel mixing, Dense_0
-        (batch * tokens, cfg["channels"], c, blocks),    # channel mixing, Dense_1
-        (batch, c, cfg["classes"], 1),                   # head
-    ]
-    gemms = []
-    for m, k, n, count in forward:
-        # y = x @ w; dx = dy @ w.T; dw = x.T @ dy
-        gemms += [(m, k, n, count), (m, n, k, count), (k, m, n, count)]
-    return gemms
-
-
 def measure_training_gemms(backend, dtype, cfg, repeats=3):
     """GFLOP/s of a training step's matmuls alone: their FLOPs over their summed time."""
     flops = seconds = 0.0
-    for m, k, n, count in training_gemms(cfg):
+    import shapes
+
+    for m, k, n, count in shapes.training_gemms(cfg):
         seconds += count * _median_seconds(_matmul(backend, dtype, m, k, n), repeats)
         flops += count * 2 * m * k * n
     return flops / seconds / 1e9
@@ -108,16 +91,16 @@ def main(argv=None):
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--config", help="time this bench_model.py config's training matmuls instead")
+    parser.add_argument("--config", help="time this shapes.CONFIGS config's training matmuls instead")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     if args.worker:
         for dtype in args.dtypes:
             if args.config:
-                import bench_model
+                import shapes
 
-                value = measure_training_gemms(args.worker, dtype, bench_model.CONFIGS[args.config])
+                value = measure_training_gemms(args.worker, dtype, shapes.CONFIGS[args.config])
             else:
                 value = measure(args.worker, dtype, args.size, args.repeats)
             print(f"RESULT {args.worker} {dtype} {value:.1f}")

@@ -23,6 +23,7 @@ import tensorflow as tf  # noqa: E402
 
 from keras_mixer import augment  # noqa: E402
 from keras_mixer import data  # noqa: E402
+from keras_mixer import sources  # noqa: E402
 
 
 def write_folder(root, num_images, seed=0):
@@ -65,7 +66,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as root:
         write_folder(root, args.images)
-        source = data.image_folder_source(root)
+        source = sources.image_folder_source(root)
         shape = (224, 224, 3)
         rows = [("decode + resize", "-", decode_only(source, args.batch_size))]
         rows.append(("+ Inception crop, flip", "-",

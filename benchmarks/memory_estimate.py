@@ -3,7 +3,7 @@
     python benchmarks/memory_estimate.py [--batch_per_replica 32] [--image_size 224]
 
 Prints a Markdown table (copied into docs/distributed.md) from
-`keras_mixer.distribute.memory_per_device`: weights, gradients and Adam
+`keras_mixer.plan.memory_per_device`: weights, gradients and Adam
 moments in float32 (Keras keeps them in float32 under "mixed_bfloat16"
 too), plus the activations kept for the backward pass in float32 or
 bfloat16, for model-parallel sizes 1, 2, 4 and 8. It computes, it does not
@@ -13,7 +13,7 @@ Keras), the activations an estimate.
 
 import argparse
 
-from keras_mixer import distribute
+from keras_mixer import plan as plan_lib
 
 GB = 1024**3
 
@@ -24,12 +24,12 @@ def table(batch_per_replica, image_size, sizes=(1, 2, 4, 8)):
     ]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant in ("S/16", "B/16", "L/16", "H/14"):
-        base = distribute.memory_per_device(variant, batch_per_replica, image_size=image_size)
+        base = plan_lib.memory_per_device(variant, batch_per_replica, image_size=image_size)
         cells = [variant, f"{base['params'] / 1e6:.0f}M", f"{base['state'] / GB:.1f} GB"]
         for m in sizes:
-            fp32 = distribute.memory_per_device(
+            fp32 = plan_lib.memory_per_device(
                 variant, batch_per_replica, m, image_size=image_size)["total"]
-            bf16 = distribute.memory_per_device(
+            bf16 = plan_lib.memory_per_device(
                 variant, batch_per_replica, m, image_size=image_size, activation_bytes=2)["total"]
             cells.append(f"{fp32 / GB:.1f} / {bf16 / GB:.1f}")
         rows.append("| " + " | ".join(cells) + " |")

@@ -9,7 +9,6 @@ from keras_mixer.model import VARIANTS
 from keras_mixer.model import variant_config
 from keras_mixer.weights import adapt_resolution
 from keras_mixer.weights import load_official
-from keras_mixer.weights import load_official_params
 from keras_mixer.weights import load_timm
 from keras_mixer.weights import reset_head
 from keras_mixer.weights import save_official

@@ -28,9 +28,17 @@ resumes: a resumed run continues with fresh draws.
 
 import logging
 
-import tensorflow as tf
+try:
+    import tensorflow as tf
+except ImportError as error:
+    raise ImportError(
+        "keras_mixer.augment builds tf.data pipelines and needs TensorFlow (on every Keras "
+        "backend): pip install \"keras-mixer[train]\""
+    ) from error
 
-IMPLEMENTATIONS = ("keras_cv", "keras")
+from keras_mixer import config as config_lib
+
+IMPLEMENTATIONS = config_lib.AUGMENT_IMPLEMENTATIONS  # ("keras_cv", "keras")
 
 
 def randaugment_strength(magnitude):
@@ -51,7 +59,7 @@ def _layers(implementation, randaugment_layers, randaugment_magnitude, mixup, cu
             import keras_cv
         except ImportError as error:
             raise ImportError(
-                "augment_impl='keras_cv' needs KerasCV (`pip install keras-cv`); "
+                "augment_impl='keras_cv' needs KerasCV: pip install \"keras-mixer[train]\"; "
                 "or set augment_impl='keras' for the Keras-core layers."
             ) from error
         randaugment = lambda: keras_cv.layers.RandAugment(  # noqa: E731

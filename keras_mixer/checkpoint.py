@@ -1,4 +1,4 @@
-"""Training state on disk: written atomically, verified on load, resumed exactly.
+"""Training state on disk, and saved models: written atomically, verified on load, resumed exactly.
 
 A state file `state-<step>.npz` holds every model variable (weights and
 seed-generator states), every optimizer variable (moments, iteration
@@ -7,7 +7,8 @@ global step and the variable paths. It is written to a temporary file,
 flushed to disk and renamed into place, so a crash mid-write leaves the
 previous state intact. On load, files are tried newest first; a file that
 is truncated or damaged (zip CRC, missing arrays, wrong shapes) is
-reported and skipped, and the next older one is used.
+reported and skipped, and the next older one is used. `save_model` writes
+a `.keras` file the same way (best.keras, model.keras).
 """
 
 import json
@@ -16,18 +17,15 @@ import pathlib
 import re
 
 import numpy as np
-from keras import ops
 
-from keras_mixer import weights
+from keras_mixer import distribute
+from keras_mixer import npz
 
 _PATTERN = re.compile(r"^state-(\d{9})\.npz$")
 
 
 def _state_variables(model):
-    # Mid-epoch, Keras' JAX trainer keeps the state outside the variables;
-    # this copies it back (and the next step reads it again).
-    if hasattr(model, "jax_state_sync"):
-        model.jax_state_sync()
+    distribute.sync_state(model)
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None and not optimizer.built:
         optimizer.build(model.trainable_variables)
@@ -48,21 +46,6 @@ def list_states(directory):
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def _to_numpy(variable):
-    value = variable.value
-    # A JAX array sharded over several hosts: every host takes part in the
-    # gather, so every host calls this (and only the chief writes).
-    if getattr(value, "is_fully_addressable", True) is False:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
-    if hasattr(value, "values") and hasattr(value, "_primary"):
-        # A tf.distribute mirrored variable: every replica holds the same
-        # value; read the primary copy.
-        value = value._primary
-    return np.asarray(ops.convert_to_numpy(value))
-
-
 def save_state(directory, model, step, keep=2, extra=None, write=True):
     """Writes the model's and its optimizer's state at `step`; keeps the newest `keep`.
 
@@ -76,7 +59,7 @@ def save_state(directory, model, step, keep=2, extra=None, write=True):
     arrays = {}
     for prefix, variables in (("model", model_variables), ("optimizer", optimizer_variables)):
         for i, variable in enumerate(variables):
-            arrays[f"{prefix}/{i:05d}"] = _to_numpy(variable)
+            arrays[f"{prefix}/{i:05d}"] = distribute.variable_to_numpy(variable)
     header = {
         "step": int(step),
         "model": [v.path for v in model_variables],
@@ -86,14 +69,14 @@ def save_state(directory, model, step, keep=2, extra=None, write=True):
     arrays["header"] = np.array(json.dumps(header))
     if not write:
         return state_path(directory, step)
-    path = weights.write_npz(state_path(directory, step), arrays)
+    path = npz.write(state_path(directory, step), arrays)
     for old in list_states(directory)[keep:]:
         old.unlink()
     return path
 
 
 def _read(path):
-    arrays = weights.read_npz(path)  # reads every array, so every CRC is checked
+    arrays = npz.read(path)  # reads every array, so every CRC is checked
     header = json.loads(str(arrays.pop("header")))
     return header, arrays
 
@@ -147,3 +130,13 @@ def restore_latest(directory, model):
         header["path"] = str(path)
         return header
     return None
+
+
+def save_model(model, path):
+    """`model.save(path)` through a temporary file beside it and a rename: a
+    crash mid-write leaves the previous file intact."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    model.save(tmp)
+    tmp.replace(path)
+    return path

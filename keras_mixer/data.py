@@ -1,78 +1,37 @@
-"""Datasets as `tf.data` pipelines: tensorflow-datasets, image folders and the
-embedded digits set.
+"""Input pipelines: a config's `Source`s (`keras_mixer.sources`) as `tf.data` batches.
 
-Sources give encoded images (or file paths) and integer labels; pipelines
-decode, crop and batch them. Pixels stay in [0, 255]: `MLPMixer` rescales
-them itself, so exported models take raw pixels too.
+Pipelines decode, crop, augment and batch; pixels stay in [0, 255]:
+`MLPMixer` rescales them itself, so exported models take raw pixels too.
+`make_datasets` is what the trainer calls: the training stream from any
+step, the evaluation set split for the replicas, and the data's shape.
 
 Training pipelines are a pure function of `(seed, start_step)`: each epoch
 is shuffled with its own seed, and every crop and flip uses a stateless
 seed made from the seed, the epoch and the example's position. A run that
 resumes at step `s` builds the pipeline with `start_step=s` and sees exactly
 the batches an uninterrupted run would have seen from step `s` on.
-
-scikit-learn ships the UCI handwritten digits (1,797 8x8 grey images, 10
-classes) inside its wheel, so the default dataset of `train.py` needs no
-download. Its pixels are scaled from 0..16 to [0, 255].
 """
 
-import collections
-import logging
-import os
-import pathlib
-import socket
+import dataclasses
+import math
 
 import numpy as np
-import tensorflow as tf
 
-DIGITS_IMAGE_SHAPE = (8, 8, 1)
-DIGITS_NUM_CLASSES = 10
-EVAL_CROPS = ("resize-crop", "resmall-crop")
+try:
+    import tensorflow as tf
+except ImportError as error:
+    raise ImportError(
+        "keras_mixer.data builds tf.data pipelines and needs TensorFlow (on every Keras "
+        "backend): pip install \"keras-mixer[train]\""
+    ) from error
+
+from keras_mixer import augment as augment_lib
+from keras_mixer import config as config_lib
+from keras_mixer import sources as sources_lib
+
+EVAL_CROPS = config_lib.EVAL_CROPS
 # The paper evaluates on a 224 crop of a 256 resize; other sizes keep the ratio.
 CENTER_CROP_FRACTION = 224 / 256
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-_MAGIC = {b"\xff\xd8\xff": "jpeg", b"\x89PNG\r\n\x1a\n": "png"}
-
-Source = collections.namedtuple(
-    "Source", ["dataset", "decode", "num_examples", "num_classes", "description", "skipped"]
-)
-Source.__doc__ = """An unbatched source of `(raw, label)` pairs.
-
-`raw` is whatever `decode(raw)` turns into an image tensor (encoded bytes
-for tfds, a file path for folders); keeping it raw makes skipping on resume
-cheap. `description` names the source in messages; `skipped` lists the
-files left out as unreadable.
-"""
-
-
-def load_digits(test_fraction=0.2, split_seed=0):
-    """Returns `((x_train, y_train), (x_test, y_test))` of the digits set.
-
-    The split is stratified and fixed by `split_seed`, so test accuracies
-    are comparable across runs and backends.
-
-    Args:
-        test_fraction: float in (0, 1), the share of images held out.
-        split_seed: int, the seed of the split.
-
-    Example:
-    >>> (x_train, y_train), (x_test, y_test) = load_digits()
-    >>> x_train.shape, x_test.shape
-    ((1437, 8, 8, 1), (360, 8, 8, 1))
-    """
-    from sklearn.datasets import load_digits as sklearn_digits
-    from sklearn.model_selection import train_test_split
-
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"`test_fraction` must be in (0, 1), got {test_fraction}.")
-    digits = sklearn_digits()
-    images = (digits.images[..., None] * (255.0 / 16.0)).astype("float32")
-    labels = digits.target.astype("int32")
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, labels, test_size=test_fraction, stratify=labels,
-        random_state=split_seed,
-    )
-    return (x_train, y_train), (x_test, y_test)
 
 
 def _shifted_copies(images, pad):
@@ -86,38 +45,32 @@ def _shifted_copies(images, pad):
     ])
 
 
-def digits_datasets(batch_size, seed=0, shift_pixels=1, test_fraction=0.2, start_step=0):
-    """Returns `(train_ds, test_ds, steps_per_epoch)` for the digits set.
+def _check_one_host(source, num_shards):
+    if source.arrays is not None and num_shards > 1:
+        raise ValueError(
+            f"{source.description} is for one host; for several hosts use a tfds "
+            "dataset or an image folder, which are read in per-host shards."
+        )
 
-    Training shuffles, repeats forever, batches with `drop_remainder=True`,
-    shifts each image by up to `shift_pixels` in each direction (zero
-    padding: the translation augmentation that suits 8x8 digits) and
-    prefetches. Labels are one-hot float32 vectors (what label smoothing,
-    MixUp and CutMix work on). With a given `seed` the order and the shifts
-    are deterministic, and `start_step` starts the stream at that batch (for
-    resuming). The test set comes in batches of up to 512, which keeps
-    per-epoch validation cheap.
 
-    Args:
-        batch_size: int, the global batch size.
-        seed: int, the seed of shuffling and augmentation.
-        shift_pixels: int >= 0, the largest random shift; 0 disables it.
-        test_fraction: float, the held-out share (see `load_digits`).
-        start_step: int >= 0, the number of batches to skip.
-    """
-    (x_train, y_train), (x_test, y_test) = load_digits(test_fraction)
+def _array_train_pipeline(source, batch_size, seed, start_step, shift_pixels, num_shards):
+    """The training stream of an in-memory source (the digits): shuffled,
+    endless, each image shifted by up to `shift_pixels` in each direction
+    (zero padding: the translation augmentation that suits 8x8 digits)."""
+    _check_one_host(source, num_shards)
+    x_train, y_train = source.arrays
     if not 0 < batch_size <= len(x_train):
         raise ValueError(
-            f"`batch_size` must be in [1, {len(x_train)}] for the digits "
-            f"training split, got {batch_size}."
+            f"`batch_size` must be in [1, {len(x_train)}] for {source.description}, "
+            f"got {batch_size}."
         )
-    # 8x8 images allow only (2 * shift_pixels + 1)^2 shifts: precompute them
-    # all and gather one per image per batch. A per-image map costs more
-    # than a training step on 2 cores.
+    # Small images allow only (2 * shift_pixels + 1)^2 shifts: precompute
+    # them all and gather one per image per batch. A per-image map costs
+    # more than a training step on 2 cores.
     variants = _shifted_copies(x_train, int(shift_pixels))
     num_variants, num_train = variants.shape[:2]
-    images = tf.constant(variants.reshape((-1,) + DIGITS_IMAGE_SHAPE))
-    labels = tf.one_hot(y_train, DIGITS_NUM_CLASSES)
+    images = tf.constant(variants.reshape((-1,) + tuple(source.image_shape)))
+    labels = tf.one_hot(y_train, source.num_classes)
 
     def gather(seeds, index):
         variant = tf.random.stateless_uniform(
@@ -133,210 +86,7 @@ def digits_datasets(batch_size, seed=0, shift_pixels=1, test_fraction=0.2, start
     train = tf.data.Dataset.zip((batch_seeds, indices))
     # Skipping index batches is cheap: nothing is gathered for them.
     train = train.skip(start_step)
-    train = train.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    train = train.prefetch(tf.data.AUTOTUNE)
-    test = tf.data.Dataset.from_tensor_slices(
-        (x_test, tf.one_hot(y_test, DIGITS_NUM_CLASSES))
-    )
-    test = test.batch(512).prefetch(tf.data.AUTOTUNE)
-    return train, test, len(x_train) // batch_size
-
-
-# --- Sources -----------------------------------------------------------------
-
-
-def _check_online(host="storage.googleapis.com", port=443, timeout=3.0):
-    # tfds retries failed downloads for minutes; a 3-second probe first lets
-    # an offline machine fail at once.
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _tfds_missing_message(name, data_dir, reason):
-    root = os.path.dirname(os.path.dirname(data_dir))  # data_dir is <root>/<name>/<version>
-    manual = os.path.join(root, "downloads", "manual")
-    return (
-        f"tensorflow-datasets dataset {name!r} is not available in data_dir "
-        f"{data_dir!r}: {reason}. Prepare it on a machine with internet access "
-        f"with `tfds build {name} --data_dir {root}` "
-        f"and copy the directory here, or pass `download=True` (config: "
-        f"`--set download=True`) to let tfds download it now. Datasets with a "
-        f"manual download (e.g. imagenet2012) need their archives in {manual!r} "
-        "before `tfds build`."
-    )
-
-
-def tfds_source(name, split, data_dir=None, download=False):
-    """A `Source` from tensorflow-datasets, e.g. `tfds_source("cifar10", "train")`.
-
-    Only prepared data is read unless `download=True`. A missing dataset
-    fails in seconds with a message naming the directory searched and the
-    `tfds build` command that prepares it.
-
-    Args:
-        name: str, a tfds name (`cifar10`, `oxford_iiit_pet`, `imagenet2012`,
-            ...), optionally with a version (`cifar10:3.0.2`).
-        split: str, a tfds split, slices included (`"train[:90%]"`).
-        data_dir: str or None, tfds' data directory (default: tfds' own,
-            `~/tensorflow_datasets` or `$TFDS_DATA_DIR`).
-        download: bool, whether to download and prepare missing data.
-    """
-    import tensorflow_datasets as tfds
-
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(
-            f"Unknown tensorflow-datasets name {name!r}. See "
-            "https://www.tensorflow.org/datasets/catalog for the names, or use "
-            "`dataset='image_folder'` for a local folder of images."
-        ) from None
-    image_key, label_key = builder.info.supervised_keys or ("image", "label")
-
-    def read():
-        return builder.as_dataset(
-            split=split, shuffle_files=False,
-            # Keep images encoded: skipping on resume then costs no decoding.
-            decoders={image_key: tfds.decode.SkipDecoding()},
-        )
-
-    try:
-        dataset = read()
-    except AssertionError as error:  # tfds' "could not find data in ..."
-        if not download:
-            raise FileNotFoundError(
-                _tfds_missing_message(name, builder.data_dir, "it has not been prepared")
-            ) from None
-        if not _check_online():
-            raise FileNotFoundError(
-                _tfds_missing_message(
-                    name, builder.data_dir,
-                    "it has not been prepared and this machine is offline "
-                    "(no connection to storage.googleapis.com within 3 s)",
-                )
-            ) from error
-        builder.download_and_prepare()
-        dataset = read()
-    try:
-        num_examples = builder.info.splits[split].num_examples
-    except (KeyError, ValueError):
-        # Split metadata is missing only under `tfds.testing.mock_data`.
-        num_examples = int(dataset.cardinality())
-    if num_examples <= 0:
-        raise ValueError(f"Split {split!r} of {name!r} has no examples.")
-    label_feature = builder.info.features[label_key]
-    dataset = dataset.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32)))
-    return Source(
-        dataset, _decode_bytes, num_examples, label_feature.num_classes,
-        f"tfds {name} split {split!r} in {builder.data_dir}", (),
-    )
-
-
-def _decode_bytes(raw, channels):
-    return tf.io.decode_image(raw, channels=channels, expand_animations=False)
-
-
-def _decode_file(path, channels):
-    return _decode_bytes(tf.io.read_file(path), channels)
-
-
-def _image_kind(path):
-    with open(path, "rb") as f:
-        head = f.read(8)
-    for magic, kind in _MAGIC.items():
-        if head.startswith(magic):
-            return kind
-    return None
-
-
-def image_folder_source(root, split="train"):
-    """A `Source` of a folder of images, one subfolder per class.
-
-    Layouts: `root/<class>/*.{jpg,jpeg,png}` (one split, "train"), or
-    `root/train/<class>/...` and `root/test/<class>/...`. Classes are the
-    sorted subfolder names of the train split, so label ids are stable.
-
-    Files whose first bytes are not a JPEG or PNG signature (corrupt or
-    mislabelled files) are skipped, counted and logged once with their
-    paths; the choice keeps one bad file from stopping a long run. A file
-    with a valid signature but a broken body fails at decoding, naming the
-    op; remove it and rerun.
-
-    Args:
-        root: path of the folder.
-        split: "train" or "test".
-    """
-    root = pathlib.Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"Image folder {str(root)!r} does not exist. Expected "
-            "root/<class>/*.jpg|png, or root/train/<class>/... and root/test/<class>/..."
-        )
-    has_splits = (root / "train").is_dir()
-    if split not in ("train", "test"):
-        raise ValueError(f"Image folders have splits 'train' and 'test', got {split!r}.")
-    if not has_splits and split == "test":
-        raise FileNotFoundError(
-            f"Image folder {str(root)!r} has no test split: add "
-            f"{str(root / 'test')}/<class>/ next to {str(root / 'train')}/<class>/, "
-            "or set eval_split=None to train without evaluation."
-        )
-    split_dir = root / split if has_splits else root
-    class_root = root / "train" if has_splits else root
-    class_names = sorted(p.name for p in class_root.iterdir() if p.is_dir())
-    if not class_names:
-        raise FileNotFoundError(
-            f"Image folder {str(class_root)!r} has no class subfolders; expected "
-            f"{str(class_root)}/<class>/*.jpg|png."
-        )
-    paths, labels, skipped = [], [], []
-    for label, name in enumerate(class_names):
-        class_dir = split_dir / name
-        if not class_dir.is_dir():
-            continue
-        for path in sorted(class_dir.iterdir()):
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            if _image_kind(path) is None:
-                skipped.append(str(path))
-                continue
-            paths.append(str(path))
-            labels.append(label)
-    if skipped:
-        logging.warning(
-            "Skipped %d file(s) in %s that are not JPEG or PNG images: %s",
-            len(skipped), split_dir, ", ".join(skipped[:10]),
-        )
-    if not paths:
-        raise FileNotFoundError(
-            f"No .jpg/.jpeg/.png images under {str(split_dir)!r} (classes: "
-            f"{', '.join(class_names)})."
-        )
-    dataset = tf.data.Dataset.from_tensor_slices((paths, np.array(labels, "int32")))
-    return Source(
-        dataset, _decode_file, len(paths), len(class_names),
-        f"image folder {split_dir}", tuple(skipped),
-    )
-
-
-def make_source(dataset, split, data_dir=None, download=False):
-    """The `Source` of a config's `dataset`: a tfds name or "image_folder".
-
-    For "image_folder", `data_dir` is the folder's root.
-    """
-    if dataset == "image_folder":
-        if not data_dir:
-            raise ValueError(
-                "dataset='image_folder' needs `data_dir`, the folder's root "
-                "(root/<class>/*.jpg|png or root/train/<class>/...)."
-            )
-        return image_folder_source(data_dir, split)
-    if dataset == "digits":
-        raise ValueError("The digits set is built by `digits_datasets`, not as a Source.")
-    return tfds_source(dataset, split, data_dir=data_dir, download=download)
+    return train.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 # --- Preprocessing -------------------------------------------------------------
@@ -410,7 +160,7 @@ def _shard(dataset, num_examples, num_shards, shard_index):
 
 def train_pipeline(source, batch_size, image_shape, seed=0, start_step=0,
                    crop_area=(0.05, 1.0), flip=True, batch_augment=None,
-                   num_shards=1, shard_index=0, shuffle_buffer=50_000):
+                   num_shards=1, shard_index=0, shuffle_buffer=50_000, shift_pixels=1):
     """The training `tf.data.Dataset` of `source`: endless, deterministic, resumable.
 
     Per host (`num_shards` hosts; this is `shard_index`): shard, then for
@@ -433,10 +183,17 @@ def train_pipeline(source, batch_size, image_shape, seed=0, start_step=0,
         num_shards, shard_index: the per-host sharding hook (e.g. from
             `tf.distribute.InputContext`).
         shuffle_buffer: int, the shuffle buffer (capped at the shard size).
+        shift_pixels: int >= 0, for an in-memory source of fixed-size images
+            (the digits), which is neither cropped nor flipped: the largest
+            random shift (zero padding); 0 disables it.
 
     Returns:
         `(dataset, steps_per_epoch)`.
     """
+    if source.arrays is not None:
+        _check_fixed_shape(source, image_shape)
+        stream = _array_train_pipeline(source, batch_size, seed, start_step, shift_pixels, num_shards)
+        return _finish(stream, batch_augment, start_step), source.num_examples // batch_size
     dataset, num_examples = _shard(source.dataset, source.num_examples, num_shards, shard_index)
     if batch_size > num_examples:
         raise ValueError(
@@ -477,22 +234,34 @@ def train_pipeline(source, batch_size, image_shape, seed=0, start_step=0,
     stream = stream.skip(offset)
     stream = stream.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     stream = stream.batch(batch_size, drop_remainder=True)
+    return _finish(stream, batch_augment, start_step), num_examples // batch_size
+
+
+def _finish(stream, batch_augment, start_step):
     if batch_augment is not None:
         steps = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
         stream = tf.data.Dataset.zip((stream, steps)).map(
             lambda batch, step: batch_augment(batch[0], batch[1], step),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
         )
-    stream = stream.prefetch(tf.data.AUTOTUNE)
-    return stream, num_examples // batch_size
+    return stream.prefetch(tf.data.AUTOTUNE)
+
+
+def _check_fixed_shape(source, image_shape):
+    if tuple(image_shape) != tuple(source.image_shape):
+        raise ValueError(
+            f"{source.description} has {tuple(source.image_shape)} images, which are "
+            f"never resized; the model takes {tuple(image_shape)}."
+        )
 
 
 def eval_pipeline(source, batch_size, image_shape, crop="resize-crop",
                   num_shards=1, shard_index=0):
     """The evaluation `tf.data.Dataset` of `source`: one pass, deterministic.
 
-    Decode, center crop (`crop`: "resize-crop" or "resmall-crop"), one-hot,
-    batch (the last batch may be smaller), prefetch.
+    Decode, center crop (`crop`: "resize-crop" or "resmall-crop"; a source
+    of fixed-size images is not cropped), one-hot, batch (the last batch
+    may be smaller), prefetch.
     """
     if crop not in EVAL_CROPS:
         raise ValueError(f"Unknown eval crop {crop!r}. Valid: {', '.join(EVAL_CROPS)}.")
@@ -500,9 +269,13 @@ def eval_pipeline(source, batch_size, image_shape, crop="resize-crop",
     if num_shards > 1:
         dataset = dataset.shard(num_shards, shard_index)
     height, width, channels = image_shape
+    if source.image_shape is not None:
+        _check_fixed_shape(source, image_shape)
 
     def preprocess(raw, label):
-        image = center_crop(source.decode(raw, channels), (height, width), crop)
+        image = source.decode(raw, channels)
+        if source.image_shape is None:
+            image = center_crop(image, (height, width), crop)
         return tf.ensure_shape(image, image_shape), tf.one_hot(label, source.num_classes)
 
     dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -542,3 +315,146 @@ def pad_batches(dataset, batch_size, num_batches=None, multiple=False):
         empty = tuple(tf.zeros(s.shape, s.dtype) for s in spec)
         dataset = dataset.concatenate(tf.data.Dataset.from_tensors(empty).repeat()).take(num_batches)
     return dataset
+
+
+# --- A config's datasets ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Sources:
+    """A config's data before any pipeline: what the model and the batch plan
+    need to know (classes, examples, image shape). Made once by
+    `make_sources`: listing an image folder can take minutes.
+
+    The sources do not fix the image shape (one data set serves several
+    resolutions, Appendix C): `image_shape(config, sources.train)` does.
+
+    Attributes:
+        train: the training `sources.Source`.
+        eval: the evaluation `Source`, or None without an eval split.
+        num_classes, num_examples: of the training split.
+    """
+
+    train: sources_lib.Source
+    eval: sources_lib.Source
+    num_classes: int
+    num_examples: int
+
+
+def image_shape(config, source):
+    """(height, width, channels) a resolved config's model takes from `source`:
+    the source's own fixed shape (the digits), else the config's `image_size`."""
+    return tuple(source.image_shape or config_lib.image_shape(config))
+
+
+def make_sources(config):
+    """The `Sources` of a resolved config."""
+    config_lib.check_resolved(config)
+    def source(split):
+        return sources_lib.make_source(config["dataset"], split, config["data_dir"], config["download"])
+
+    train = source(config["train_split"])
+    evaluation = source(config["eval_split"]) if config["eval_split"] else None
+    return Sources(train, evaluation, train.num_classes, train.num_examples)
+
+
+@dataclasses.dataclass(frozen=True)
+class Datasets:
+    """What `make_datasets` gives the trainer.
+
+    Attributes:
+        train_fn: `train_fn(start_step)` builds the training stream from that step.
+        eval: the evaluation dataset, or None.
+        steps_per_epoch: micro-batches in one pass over the training split.
+        num_classes: int.
+        image_shape: (height, width, channels).
+    """
+
+    train_fn: object
+    eval: object
+    steps_per_epoch: int
+    num_classes: int
+    image_shape: tuple
+
+
+def make_datasets(config, micro_batch_size, placement=None, sources=None):
+    """The `Datasets` of a resolved config at `micro_batch_size` images a step.
+
+    With a `distribute.Placement`, each host reads its shard at its part of
+    `micro_batch_size` (the global batch of one step), and evaluation
+    batches are padded to split evenly over the replicas. `sources` (from
+    `make_sources`) saves reading the data's metadata a second time.
+    """
+    config_lib.check_resolved(config)
+    sources = sources or make_sources(config)
+    num_shards, shard_index = placement.shard if placement else (1, 0)
+    replicas = placement.num_replicas if placement else 1
+    host_batch = placement.host_batch_size(micro_batch_size) if placement else micro_batch_size
+    eval_batch = config["eval_batch_size"] or min(config["batch_size"], 512)
+    if replicas > 1:
+        eval_batch = max(replicas, eval_batch - eval_batch % replicas)
+        placement.check_batch_size(eval_batch, "eval_batch_size")
+    source = sources.train
+    shape = image_shape(config, source)
+    _check_one_host(source, num_shards)
+    if num_shards == 1 and source.num_examples < micro_batch_size:
+        raise ValueError(
+            f"`batch_size` {micro_batch_size} exceeds the {source.num_examples} "
+            f"training examples of {source.description}."
+        )
+    batch_augment = augment_lib.batch_augmenter(
+        randaugment_layers=config["randaugment_layers"],
+        randaugment_magnitude=config["randaugment_magnitude"],
+        mixup=config["mixup"], cutmix=config["cutmix"],
+        implementation=config["augment_impl"], seed=config["seed"],
+    )
+
+    def train_fn(start_step):
+        return train_pipeline(
+            source, host_batch, shape, seed=config["seed"],
+            start_step=start_step, crop_area=tuple(config["crop_area"]),
+            flip=config["flip"], batch_augment=batch_augment,
+            shuffle_buffer=config["shuffle_buffer"], shift_pixels=config["shift_pixels"],
+            num_shards=num_shards, shard_index=shard_index,
+        )[0]
+
+    eval_ds = None
+    if sources.eval is not None:
+        eval_ds = pad_for_replicas(eval_pipeline(
+            sources.eval, eval_batch // num_shards, shape, config["eval_crop"],
+            num_shards=num_shards, shard_index=shard_index,
+        ), placement, eval_batch // num_shards, sources.eval.num_examples)
+    steps = source.num_examples // micro_batch_size
+    return Datasets(train_fn, eval_ds, steps, source.num_classes, shape)
+
+
+def pad_for_replicas(eval_ds, placement, host_batch_size, num_examples):
+    """An evaluation dataset that `placement`'s devices can split.
+
+    tf.distribute splits uneven batches itself. A JAX batch must split
+    evenly over the devices: the last one is padded with weight-0 examples
+    to a multiple of the replicas (the metrics, compiled as weighted
+    metrics, count each real example once; the loss averages over real
+    examples per batch). On several hosts batches are padded to the full
+    `host_batch_size`, and all-padding batches make every host run the
+    same number of steps; there Keras' epoch-mean loss counts padding in
+    its batch weights, so only accuracies are exact.
+    """
+    if placement is None or placement.num_replicas == 1 or placement.strategy is not None:
+        return eval_ds
+    num_shards = placement.shard[0]
+    if num_shards == 1:
+        return pad_batches(eval_ds, placement.num_replicas, multiple=True)
+    num_batches = math.ceil(math.ceil(num_examples / num_shards) / host_batch_size)
+    return pad_batches(eval_ds, host_batch_size, num_batches)
+
+
+def representative_images(config, count=128):
+    """Up to `count` images of a resolved config's data as the model takes
+    them (pixels in [0, 255]), from the eval split (else the train split)
+    preprocessed for evaluation: int8 calibration and export checks."""
+    sources = make_sources(config)
+    source = sources.eval or sources.train
+    dataset = eval_pipeline(source, count, image_shape(config, source), config["eval_crop"])
+    images, _ = next(iter(dataset.unbatch().take(count).batch(count)))
+    return images.numpy()

@@ -1,8 +1,21 @@
-"""Evaluation: accuracy, confusion matrix, and the paper's few-shot linear probe.
+"""Evaluation: top-1, top-5, loss, confusion matrix and the paper's few-shot linear probe.
+
+    python -m keras_mixer.evaluation --model runs/digits/model.keras --config digits
+    python -m keras_mixer.evaluation --model m.keras --config cifar10_finetune \
+        --set data_dir=/data/tfds eval_crop=resmall-crop --few_shot 1 5 10 25 --out_dir eval/
+
+`evaluate` is the one evaluation path: this command and `train.py
+--eval_only` call it. It writes `<out_dir>/evaluation.json` (accuracy,
+top-5, loss, count, confusion matrix, and with `few_shot` the probe's mean,
+spread and per-seed accuracies), and `<out_dir>/confusion.png` when
+matplotlib is installed. The few-shot probe draws its training images from
+the config's train split, preprocessed like evaluation images, and tests on
+the eval split.
 
 Few-shot protocol (paper Section 3, "linear 5-shot"; as big_vision's
 evaluator computes it), implemented here in NumPy:
-1. Features are the frozen pre-logits (`weights.reset_head(model, None)`).
+1. Features are the frozen pre-logits (`features`: the model's own layers
+   up to "pre_logits", as a functional sub-model; nothing is copied).
 2. For each shot count k and seed, k training images per class are drawn
    without replacement (seeded, so each seed gives the same draw on every
    backend).
@@ -21,20 +34,33 @@ training data; `few_shot(..., l2_reg=[...])` takes such a grid and selects on
 a validation slice of the sampled training images when k >= 2.
 """
 
+import argparse
+import json
+import pathlib
+import sys
+
 import numpy as np
 
 BIAS_FEATURE = 100.0
 
 
-def pre_logits(model, images, batch_size=256):
-    """Frozen features of `images` (pixels as the model takes them): the pooled pre-logits."""
+def features(model):
+    """The functional sub-model from `model`'s images to its pooled pre-logits.
+
+    It shares `model`'s layers and weights (no copy), so it sees any later
+    change to them.
+    """
     import keras
 
-    from keras_mixer import weights
+    return keras.Model(model.input, model.get_layer("pre_logits").output, name=f"{model.name}_features")
 
-    features = model if model.num_classes is None else weights.reset_head(model, None)
+
+def pre_logits(model, images, batch_size=256):
+    """Frozen features of `images` (pixels as the model takes them), float64."""
+    import keras
+
     return np.asarray(
-        keras.ops.convert_to_numpy(features.predict(images, batch_size=batch_size, verbose=0)),
+        keras.ops.convert_to_numpy(features(model).predict(images, batch_size=batch_size, verbose=0)),
         np.float64,
     )
 
@@ -123,21 +149,142 @@ def confusion_matrix(labels, predictions, num_classes):
     return matrix
 
 
-def classification_report(model, dataset, num_classes):
-    """Top-1, top-5 and the confusion matrix of `model` on a dataset of
-    `(images, one-hot or integer labels)` batches."""
+def classification_report(model, dataset, num_classes, loss=None):
+    """Top-1, top-5, the confusion matrix and (with a Keras `loss`) the mean
+    loss of `model` on a dataset of `(images, one-hot or integer labels)`
+    batches, in one pass."""
     import keras
 
-    labels, scores = [], []
+    labels, targets, scores = [], [], []
     for images, y in dataset:
         scores.append(keras.ops.convert_to_numpy(model(images, training=False)))
         y = np.asarray(y)
         labels.append(y.argmax(-1) if y.ndim == 2 else y)
+        targets.append(y if y.ndim == 2 else np.eye(num_classes, dtype="float32")[y])
     labels, scores = np.concatenate(labels), np.concatenate(scores)
     top5 = np.argsort(-scores, axis=-1)[:, : min(5, num_classes)]
-    return {
+    report = {
         "accuracy": float(np.mean(top5[:, 0] == labels)),
         "top5": float(np.mean(np.any(top5 == labels[:, None], axis=-1))),
         "confusion_matrix": confusion_matrix(labels, top5[:, 0], num_classes),
         "count": int(len(labels)),
     }
+    if loss is not None:
+        value = loss(np.concatenate(targets), scores.astype("float32"))
+        report["loss"] = float(keras.ops.convert_to_numpy(value))
+    return report
+
+
+# --- A saved model on a config's data ------------------------------------------------
+
+
+def _split_arrays(config, source, limit):
+    """Images and integer labels of a source, evaluation-preprocessed, at most `limit`."""
+    from keras_mixer import data
+
+    dataset = data.eval_pipeline(source, 256, data.image_shape(config, source), config["eval_crop"])
+    images, labels = [], []
+    for x, y in dataset.unbatch().take(limit).batch(256):
+        images.append(x.numpy())
+        labels.append(y.numpy().argmax(-1))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def check_model_fits(model, image_shape, num_classes, where="the model"):
+    """A `ValueError` unless `model` takes `image_shape` images and gives `num_classes` scores."""
+    if tuple(model.input_shape[1:]) != tuple(image_shape) or model.output_shape[-1] != num_classes:
+        raise ValueError(
+            f"{where} takes {tuple(model.input_shape[1:])} images and gives "
+            f"{model.output_shape[-1]} classes; the config's data has "
+            f"{tuple(image_shape)} images and {num_classes} classes. Evaluate it "
+            "with the config it was trained with."
+        )
+
+
+def evaluate(model, config, shots=(), seeds=5, few_shot_train=10_000, out_dir=None):
+    """Evaluates a model (or a `.keras` path) on `config`'s eval split.
+
+    Returns (and with `out_dir` writes as `evaluation.json`) a dict with
+    `accuracy`, `top5`, `loss` (the config's loss), `count`,
+    `confusion_matrix` and, with `shots` (few-shot shot counts, e.g.
+    (1, 5)), the linear probes under "few_shot".
+    """
+    import keras
+
+    from keras_mixer import config as config_lib
+    from keras_mixer import data
+    from keras_mixer import optim
+
+    config = config_lib.resolve(config)
+    if not config["eval_split"]:
+        raise ValueError("The config has eval_split=None: nothing to evaluate on.")
+    where = "the model"
+    if not hasattr(model, "predict"):
+        path = pathlib.Path(model)
+        if not path.is_file():
+            raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist (expected a .keras file).")
+        model, where = keras.saving.load_model(path, compile=False), str(path)
+    sources = data.make_sources(config)
+    datasets = data.make_datasets(config, config["batch_size"], sources=sources)
+    check_model_fits(model, datasets.image_shape, datasets.num_classes, where)
+    loss = optim.make_loss(config["loss"], config["label_smoothing"])
+    report = classification_report(model, datasets.eval, datasets.num_classes, loss)
+    results = {k: report[k] for k in ("accuracy", "top5", "loss", "count")}
+    results["confusion_matrix"] = report["confusion_matrix"].tolist()
+    if shots:
+        train_x, train_y = _split_arrays(config, sources.train, few_shot_train)
+        test_x, test_y = _split_arrays(config, sources.eval, few_shot_train)
+        results["few_shot"] = {
+            str(k): v for k, v in few_shot(
+                pre_logits(model, train_x), train_y, pre_logits(model, test_x), test_y,
+                datasets.num_classes, shots=tuple(shots), seeds=tuple(range(seeds)),
+            ).items()
+        }
+    if out_dir is not None:
+        _write(results, report["confusion_matrix"], pathlib.Path(out_dir))
+    return results
+
+
+def _write(results, matrix, out_dir):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "evaluation.json").write_text(json.dumps(results, indent=2))
+    try:
+        from keras_mixer import visualize
+
+        visualize.plot_confusion(matrix, out_dir / "confusion.png")
+    except ImportError:
+        pass  # matplotlib is optional: the JSON holds the matrix.
+
+
+def format_results(name, results):
+    """`evaluate`'s results as the lines the command prints."""
+    lines = [f"{name}: top-1 {results['accuracy']:.4f}, top-5 {results['top5']:.4f}, "
+             f"loss {results['loss']:.4f} on {results['count']} images"]
+    for shots, r in results.get("few_shot", {}).items():
+        lines.append(f"  {shots}-shot linear: {r['mean']:.4f} +- {r['std']:.4f} over "
+                     f"{len(r['accuracies'])} seeds")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a .keras file")
+    parser.add_argument("--config", default="digits", help="config name or .py file (its data)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--few_shot", nargs="*", type=int, default=[], metavar="SHOTS",
+                        help="few-shot linear probes with these shots per class, e.g. 1 5 10 25")
+    parser.add_argument("--seeds", type=int, default=5, help="draws per shot count (default: %(default)s)")
+    parser.add_argument("--few_shot_train", type=int, default=10_000,
+                        help="images read from each split for the probes (default: %(default)s)")
+    parser.add_argument("--out_dir", default=None, help="where evaluation.json and confusion.png go")
+    args = parser.parse_args(argv)
+    from keras_mixer import config as config_lib
+
+    config = config_lib.apply_overrides(config_lib.load(args.config), config_lib.parse_overrides(args.set))
+    results = evaluate(args.model, config, args.few_shot, args.seeds, args.few_shot_train, args.out_dir)
+    print(format_results(args.model, results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -88,9 +88,11 @@ def export(model_or_path, out_dir, formats=FORMATS, quantization=None,
         formats: any of "saved_model", "tflite", "onnx".
         quantization: for TFLite, one or more of "float32" (the default),
             "float16", "dynamic_range", "int8".
-        representative_data: images in [0, 255], shape (N, H, W, C), for
-            int8 calibration and for the checks (default: the digits set,
-            resized to the model's input).
+        representative_data: images of the model's data in [0, 255], shape
+            (N, H, W, C), for int8 calibration and for the checks; e.g.
+            `keras_mixer.data.representative_images(config)`. Needed for
+            int8; without them the float checks run on seeded noise
+            (`noise_images`).
         model_config: `MLPMixer` arguments (a dict or a JSON file) for a
             `.weights.h5` file.
         class_names: optional list of class names, written next to the
@@ -100,6 +102,13 @@ def export(model_or_path, out_dir, formats=FORMATS, quantization=None,
         ExportError: when a file fails its check (after writing the report).
     """
     formats, quantization = _check_arguments(formats, quantization)
+    if "tflite" in formats and "int8" in quantization and representative_data is None:
+        raise ValueError(
+            "int8 TFLite is calibrated on images of the model's data: pass "
+            "representative_data (N, H, W, C) in [0, 255], e.g. "
+            "keras_mixer.data.representative_images(config), or on the command "
+            "line --representative_data images.npy."
+        )
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     import keras
@@ -178,18 +187,10 @@ def load_model(path, model_config=None):
     raise ValueError(f"Cannot export {path}: expected a .keras file or a .weights.h5 file.")
 
 
-def default_data(image_shape, count=64):
-    """The first `count` digits test images, resized to `image_shape`, in [0, 255]."""
-    import tensorflow as tf
-
-    from keras_mixer import data
-
-    _, (x_test, _) = data.load_digits()
-    images = tf.image.resize(x_test[:count], image_shape[:2], method="bilinear")
-    channels = image_shape[2]
-    if channels != 1:
-        images = tf.repeat(images, channels, axis=-1)
-    return images.numpy().astype("float32")
+def noise_images(image_shape, count=64, seed=0):
+    """`count` seeded uniform-noise images in [0, 255]: what the float checks
+    run on when the caller gives no images of its data."""
+    return np.random.default_rng(seed).uniform(0, 255, (count, *image_shape)).astype("float32")
 
 
 def _check_data(images, image_shape):
@@ -317,7 +318,7 @@ def _export_here(path, out_dir, formats, quantization, data_path, model_config):
     if data_path is not None:
         images = _check_data(np.load(data_path), image_shape)
     else:
-        images = default_data(image_shape)
+        images = noise_images(image_shape)
     check = images[:64]
     expected = keras.ops.convert_to_numpy(model.predict(check, verbose=0))
     signature = [keras.InputSpec(shape=(None, *image_shape), dtype="float32")]
@@ -370,7 +371,9 @@ def main(argv=None):
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), help=f"any of {', '.join(FORMATS)}")
     parser.add_argument("--quantization", nargs="+", default=["float32"],
                         help=f"TFLite: any of {', '.join(QUANTIZATIONS)} (default: float32)")
-    parser.add_argument("--representative_data", help=".npy of images (N, H, W, C) in [0, 255] (default: digits)")
+    parser.add_argument("--representative_data",
+                        help=".npy of images (N, H, W, C) in [0, 255] of the model's data: int8 "
+                        "calibration and the checks (needed for int8; default: the float checks run on noise)")
     parser.add_argument("--no-raise", dest="no_raise", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.no_raise:  # The subprocess of `export`: write the report, let the parent judge.
@@ -382,6 +385,9 @@ def main(argv=None):
     data = np.load(args.representative_data) if args.representative_data else None
     try:
         report = export(args.model, args.out_dir, args.formats, args.quantization, data, args.config)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except ExportError as error:
         print(format_report(json.loads((pathlib.Path(args.out_dir) / REPORT).read_text())))
         print(f"error: {error}", file=sys.stderr)

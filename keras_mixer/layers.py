@@ -11,7 +11,12 @@ from keras import layers
 from keras import ops
 
 
-def _check_positive_int(name, value):
+# Argument checks shared with `model.py`: explicit `ValueError`s that name
+# the argument and the fix, as Keras core's layers raise them.
+
+
+def check_positive_int(name, value):
+    """Raises a `ValueError` unless `value` is an int > 0 (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(
             f"`{name}` must be a positive integer, got {value!r}. "
@@ -19,7 +24,8 @@ def _check_positive_int(name, value):
         )
 
 
-def _check_rate(name, value):
+def check_rate(name, value):
+    """Raises a `ValueError` unless `value` is a probability in [0, 1)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"`{name}` must be a float in [0, 1), got {value!r}.")
     if not 0.0 <= value < 1.0:
@@ -27,6 +33,23 @@ def _check_rate(name, value):
             f"`{name}` must be in [0, 1), got {value}. It is a probability of "
             f"dropping; use 0 to disable it."
         )
+
+
+def check_pair(name, value):
+    """`value` as a (height, width) pair of positive ints: an int means (v, v)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    try:
+        value = tuple(value)
+    except TypeError:
+        value = (value,)
+    if len(value) != 2:
+        raise ValueError(
+            f"`{name}` must be an int or a pair (height, width), got {value!r}."
+        )
+    for v in value:
+        check_positive_int(name, v)
+    return value
 
 
 @keras.saving.register_keras_serializable(package="keras_mixer")
@@ -98,7 +121,7 @@ class StochasticDepth(layers.Layer):
 
     def __init__(self, rate, seed=None, **kwargs):
         super().__init__(**kwargs)
-        _check_rate("rate", rate)
+        check_rate("rate", rate)
         self.rate = float(rate)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -166,8 +189,8 @@ class MLPBlock(layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        _check_positive_int("mlp_dim", mlp_dim)
-        _check_rate("dropout_rate", dropout_rate)
+        check_positive_int("mlp_dim", mlp_dim)
+        check_rate("dropout_rate", dropout_rate)
         self.mlp_dim = mlp_dim
         self.dropout_rate = float(dropout_rate)
         self.gelu_approximate = bool(gelu_approximate)
@@ -283,10 +306,10 @@ class MixerBlock(layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        _check_positive_int("tokens_mlp_dim", tokens_mlp_dim)
-        _check_positive_int("channels_mlp_dim", channels_mlp_dim)
-        _check_rate("dropout_rate", dropout_rate)
-        _check_rate("stochastic_depth_rate", stochastic_depth_rate)
+        check_positive_int("tokens_mlp_dim", tokens_mlp_dim)
+        check_positive_int("channels_mlp_dim", channels_mlp_dim)
+        check_rate("dropout_rate", dropout_rate)
+        check_rate("stochastic_depth_rate", stochastic_depth_rate)
         if not layer_norm_epsilon > 0:
             raise ValueError(
                 f"`layer_norm_epsilon` must be positive, got {layer_norm_epsilon}."

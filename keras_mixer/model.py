@@ -5,8 +5,9 @@ from keras import layers
 
 from keras_mixer.layers import LayerNorm
 from keras_mixer.layers import MixerBlock
-from keras_mixer.layers import _check_positive_int
-from keras_mixer.layers import _check_rate
+from keras_mixer.layers import check_pair
+from keras_mixer.layers import check_positive_int
+from keras_mixer.layers import check_rate
 
 # Table 1 of the paper. A variant name is `<size>/<patch>`, e.g. "B/16".
 MODEL_SIZES = {
@@ -37,22 +38,6 @@ def variant_config(name):
     return {"patch_size": int(patch), **MODEL_SIZES[size]}
 
 
-def _pair(name, value):
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    try:
-        value = tuple(value)
-    except TypeError:
-        value = (value,)
-    if len(value) != 2:
-        raise ValueError(
-            f"`{name}` must be an int or a pair (height, width), got {value!r}."
-        )
-    for v in value:
-        _check_positive_int(name, v)
-    return value
-
-
 def _check_image_shape(image_shape, patch_size):
     try:
         image_shape = tuple(image_shape)
@@ -64,7 +49,7 @@ def _check_image_shape(image_shape, patch_size):
             f"got {image_shape!r}."
         )
     for v in image_shape:
-        _check_positive_int("image_shape", v)
+        check_positive_int("image_shape", v)
     height, width, _ = image_shape
     ph, pw = patch_size
     for side, size, patch in (("height", height, ph), ("width", width, pw)):
@@ -147,7 +132,7 @@ class MLPMixer(keras.Model):
         name="mlp_mixer",
         **kwargs,
     ):
-        patch = _pair("patch_size", patch_size)
+        patch = check_pair("patch_size", patch_size)
         image_shape = _check_image_shape(image_shape, patch)
         for arg, value in (
             ("num_blocks", num_blocks),
@@ -155,11 +140,11 @@ class MLPMixer(keras.Model):
             ("tokens_mlp_dim", tokens_mlp_dim),
             ("channels_mlp_dim", channels_mlp_dim),
         ):
-            _check_positive_int(arg, value)
+            check_positive_int(arg, value)
         if num_classes is not None:
-            _check_positive_int("num_classes", num_classes)
-        _check_rate("dropout_rate", dropout_rate)
-        _check_rate("stochastic_depth_rate", stochastic_depth_rate)
+            check_positive_int("num_classes", num_classes)
+        check_rate("dropout_rate", dropout_rate)
+        check_rate("stochastic_depth_rate", stochastic_depth_rate)
         height, width, _ = image_shape
         num_tokens = (height // patch[0]) * (width // patch[1])
 
@@ -300,7 +285,7 @@ class MLPMixer(keras.Model):
         Args:
             source: an `.npz` path, a parameter mapping, or a released name
                 such as "imagenet21k/Mixer-B_16" (downloaded once; see
-                `keras_mixer.weights.fetch_official`).
+                `keras_mixer.released.fetch`).
             num_classes: None or the checkpoint's count keeps its head;
                 another count gives a fresh zero head (logged).
             image_shape: None (the pretraining size) or K times it per side

@@ -10,32 +10,21 @@ same strict check.
 
 Released checkpoints load by name (`load_official(model,
 "imagenet21k/Mixer-B_16")`, `MLPMixer.from_checkpoint(...)`): they are
-downloaded once into a cache. Resolution changes (paper Appendix C) and
+downloaded once into a cache (`keras_mixer.released`). Resolution changes (paper Appendix C) and
 head changes are computed on the flat parameter mapping, and the result is
 loaded into a fresh model through the same strict check.
 """
 
 import logging
-import os
 import pathlib
 import re
-import shutil
-import urllib.error
-import urllib.request
-import zipfile
 
 import keras
 import numpy as np
 
+from keras_mixer import npz
+from keras_mixer import released
 from keras_mixer.model import MLPMixer
-
-OFFICIAL_URL = "https://storage.googleapis.com/mixer_models"
-# The released files, as "<set>/<file>".
-RELEASED = (
-    "imagenet1k/Mixer-B_16", "imagenet1k/Mixer-L_16",
-    "imagenet21k/Mixer-B_16", "imagenet21k/Mixer-L_16",
-    "sam/Mixer-B_16", "sam/Mixer-B_32",
-)
 
 
 def official_variables(model):
@@ -77,26 +66,9 @@ def _strip_prefix(params, prefix):
     return params
 
 
-def load_official_params(model, params):
-    """Assigns official-checkpoint parameters to every weight of an `MLPMixer`.
-
-    Keys are exactly the official ones (`stem/kernel`,
-    `MixerBlock_0/token_mixing/Dense_0/kernel`, `pre_head_layer_norm/scale`,
-    `head/bias`, ...). A common `params/` prefix, as in a Flax variables
-    dict flattened with its collection, is stripped. A headless model
-    (`num_classes=None`) ignores `head/*` keys, since features need no head.
-    Anything else that does not fit is an error, and nothing is assigned.
-
-    Args:
-        params: mapping from key to array (an opened `.npz` works).
-
-    Raises:
-        ValueError: listing every missing key, unexpected key and shape
-            mismatch at once.
-
-    Example:
-    >>> load_official_params(model, np.load("Mixer-B_16.npz"))
-    """
+def _load_params(model, params):
+    """Assigns a flat official mapping to every weight of `model`, strictly
+    (see `load_official`); nothing is assigned when anything does not fit."""
     params = _strip_prefix({str(k): v for k, v in params.items()}, "params/")
     if model.num_classes is None:
         params = {k: v for k, v in params.items() if not k.startswith("head/")}
@@ -168,7 +140,7 @@ def timm_to_official(state_dict):
     """Converts a timm `MlpMixer` state_dict to official keys and layouts.
 
     Keys that are not timm Mixer keys are kept as they are, so that the
-    strict check of `load_official_params` reports them.
+    strict check of `load_official` reports them.
 
     Args:
         state_dict: mapping from timm key to array (a common `state_dict/`
@@ -253,149 +225,51 @@ def load_timm(model, source):
         )
     if not hasattr(source, "items"):
         source = _read_timm_file(source)
-    load_official_params(model, timm_to_official(source))
-
-
-# --- Official files: reading, downloading, writing -------------------------------
-
-
-def read_npz(path):
-    """Reads every array of an `.npz` (no pickles), with clear errors for bad files."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint file {str(path)!r} does not exist.")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if not hasattr(data, "files"):
-                raise ValueError("it holds a single array, not a mapping of parameters")
-            # Reading every array makes zipfile check every CRC.
-            return {key: data[key] for key in data.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as error:
-        raise ValueError(
-            f"{str(path)!r} is not a readable .npz checkpoint ({type(error).__name__}: "
-            f"{error}). It may be truncated or corrupted: delete it and download "
-            "it again, or check that it is an official MLP-Mixer .npz file."
-        ) from None
-
-
-def keras_home():
-    """Keras' home folder, resolved the way Keras resolves it at import:
-    `$KERAS_HOME`, else `~/.keras`, else `/tmp/.keras` when the home folder
-    is not writable (a read-only CI or container home). Read at call time,
-    so a changed `HOME` or `KERAS_HOME` is seen; Keras keeps the value in a
-    private function, which this does not call."""
-    if "KERAS_HOME" in os.environ:
-        return pathlib.Path(os.environ["KERAS_HOME"])
-    base = os.path.expanduser("~")
-    if not os.access(base, os.W_OK):
-        base = "/tmp"
-    return pathlib.Path(base) / ".keras"
-
-
-def default_cache_dir():
-    """Where released checkpoints are kept: `$KERAS_MIXER_CACHE`, else
-    `<keras_home()>/mixer_models` (by default `~/.keras/mixer_models`)."""
-    if os.environ.get("KERAS_MIXER_CACHE"):
-        return pathlib.Path(os.environ["KERAS_MIXER_CACHE"])
-    return keras_home() / "mixer_models"
-
-
-def _cache_dir(cache_dir=None):
-    return pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
-
-
-def fetch_official(name, cache_dir=None, mirror=None, timeout=10.0):
-    """Returns the local path of the released checkpoint `name`, downloading it once.
-
-    Args:
-        name: one of `RELEASED`, e.g. "imagenet21k/Mixer-B_16".
-        cache_dir: where files are kept (default: `default_cache_dir()`:
-            `$KERAS_MIXER_CACHE`, else `mixer_models/` under Keras' home,
-            `$KERAS_HOME` or `~/.keras`), as `<cache_dir>/<set>/<file>.npz`.
-        mirror: a base URL or a local folder holding `<set>/<file>.npz`
-            (default: `$KERAS_MIXER_MIRROR`, else the official bucket).
-        timeout: seconds to wait for the server before giving up.
-    """
-    if name not in RELEASED:
-        raise ValueError(
-            f"Unknown checkpoint name {name!r}. Released: {', '.join(RELEASED)}; "
-            "or pass the path of an .npz file."
-        )
-    target = _cache_dir(cache_dir) / f"{name}.npz"
-    if target.is_file():
-        try:
-            read_npz(target)
-            return target
-        except ValueError as error:
-            logging.warning("Cached %s is damaged (%s); downloading it again.", target, error)
-            target.unlink()
-    mirror = mirror or os.environ.get("KERAS_MIXER_MIRROR") or OFFICIAL_URL
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.download")
-    if os.path.isdir(mirror):
-        source = pathlib.Path(mirror) / f"{name}.npz"
-        if not source.is_file():
-            raise FileNotFoundError(f"The mirror folder {mirror!r} has no {name}.npz.")
-        shutil.copyfile(source, tmp)
-        origin = str(source)
-    else:
-        origin = f"{mirror.rstrip('/')}/{name}.npz"
-        try:
-            with urllib.request.urlopen(origin, timeout=timeout) as response, open(tmp, "wb") as f:
-                expected = response.headers.get("Content-Length")
-                shutil.copyfileobj(response, f)
-                received = f.tell()
-        except (urllib.error.URLError, OSError) as error:
-            tmp.unlink(missing_ok=True)
-            reason = getattr(error, "reason", error)
-            raise ConnectionError(
-                f"Could not download {origin} ({reason}). Without network access, "
-                f"download it elsewhere and put it at {target}, or set "
-                "KERAS_MIXER_MIRROR to a folder or URL that holds "
-                f"{name}.npz."
-            ) from None
-        if expected is not None and int(expected) != received:
-            tmp.unlink(missing_ok=True)
-            raise ValueError(
-                f"The download of {origin} was cut off ({received} of {expected} "
-                "bytes); nothing was cached. Try again."
-            )
-    try:
-        read_npz(tmp)
-    except ValueError as error:
-        tmp.unlink(missing_ok=True)
-        raise ValueError(f"{origin} did not give a valid checkpoint; nothing was cached. {error}") from None
-    os.replace(tmp, target)
-    return target
+    _load_params(model, timm_to_official(source))
 
 
 def read_official(source, cache_dir=None, mirror=None):
     """The flat parameter mapping of `source`: a mapping, an `.npz` path or a released name."""
     if hasattr(source, "items"):
         params = {str(k): np.asarray(v) for k, v in source.items()}
-    elif str(source) in RELEASED:
-        params = read_npz(fetch_official(str(source), cache_dir, mirror))
+    elif str(source) in released.NAMES:
+        params = npz.read(released.fetch(str(source), cache_dir, mirror))
     elif pathlib.Path(source).is_file():
-        params = read_npz(source)
+        params = npz.read(source)
     else:
         raise FileNotFoundError(
             f"{str(source)!r} is neither an existing .npz file nor a released "
-            f"checkpoint name ({', '.join(RELEASED)})."
+            f"checkpoint name ({', '.join(released.NAMES)})."
         )
     return _strip_prefix(params, "params/")
 
 
 def load_official(model, source, cache_dir=None, mirror=None):
-    """Loads an official checkpoint (mapping, `.npz` path or released name) into `model`.
+    """Loads official-checkpoint parameters into every weight of an `MLPMixer`.
 
-    Strict: any missing, unexpected or mis-shaped key is reported at once
-    and the model is left unchanged (see `load_official_params`).
+    Keys are exactly the official ones (`stem/kernel`,
+    `MixerBlock_0/token_mixing/Dense_0/kernel`, `pre_head_layer_norm/scale`,
+    `head/bias`, ...). A common `params/` prefix, as in a Flax variables
+    dict flattened with its collection, is stripped. A headless model
+    (`num_classes=None`) ignores `head/*` keys, since features need no head.
+    Anything else that does not fit is an error, and nothing is assigned.
+
+    Args:
+        model: `MLPMixer`.
+        source: a mapping from key to array (an opened `.npz` works), an
+            `.npz` path, or a released name (`keras_mixer.released.NAMES`),
+            downloaded once.
+        cache_dir, mirror: for a released name (see `released.fetch`).
+
+    Raises:
+        ValueError: listing every missing key, unexpected key and shape
+            mismatch at once.
 
     Example:
     >>> model = MLPMixer.from_variant("B/16", num_classes=21843)
     >>> load_official(model, "imagenet21k/Mixer-B_16")
     """
-    load_official_params(model, read_official(source, cache_dir, mirror))
+    _load_params(model, read_official(source, cache_dir, mirror))
 
 
 def _numpy_params(model):
@@ -408,21 +282,7 @@ def save_official(model, path):
     Written to a temporary file and renamed, so a crash leaves no half file.
     `load_official` of the file gives a bit-identical model.
     """
-    return write_npz(path, _numpy_params(model))
-
-
-def write_npz(path, arrays):
-    """Writes `arrays` to an `.npz` atomically: a temporary file, flushed to
-    disk, then renamed, so a crash mid-write leaves any previous file intact."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return npz.write(path, _numpy_params(model))
 
 
 # --- Architecture from parameters, heads and resolution -------------------------
@@ -591,7 +451,7 @@ def _set_head(params, config, num_classes):
 
 def _build(config, params):
     model = MLPMixer(**config)
-    load_official_params(model, params)
+    _load_params(model, params)
     return model
 
 

@@ -3,6 +3,9 @@
 import numpy as np
 import keras
 
+from keras_mixer import config as config_lib
+from keras_mixer.model import MLPMixer
+
 
 def to_numpy(x):
     return keras.ops.convert_to_numpy(x)
@@ -60,3 +63,37 @@ def check_model(model, x, y, tmp_path):
         to_numpy(reloaded.predict(x, verbose=0)), to_numpy(model.predict(x, verbose=0))
     )
     return reloaded
+
+
+def tiny_config(**overrides):
+    """The digits config with a one-block Mixer for 2 epochs of batch 128 (22 steps)."""
+    config = config_lib.load("digits")
+    config.update(epochs=2, batch_size=128)
+    config["model"].update(num_blocks=1, hidden_dim=16, tokens_mlp_dim=8, channels_mlp_dim=16)
+    config.update(overrides)
+    return config
+
+
+def fixture_model(config, **kwargs):
+    """The model of a fixture's config (official: patch [4, 4]; timm: patch 4)."""
+    return MLPMixer(
+        image_shape=(*config["image"], 3),
+        patch_size=config["patch"],
+        num_blocks=config["num_blocks"],
+        hidden_dim=config["hidden_dim"],
+        tokens_mlp_dim=config["tokens_mlp_dim"],
+        channels_mlp_dim=config["channels_mlp_dim"],
+        include_preprocessing=False,
+        **kwargs,
+    )
+
+
+def fixture_params(arrays):
+    """The `params/...` arrays of a reference fixture."""
+    return {k: v for k, v in arrays.items() if k.startswith("params/")}
+
+
+def keras_logits(model_path, images):
+    """The logits of a saved `.keras` model."""
+    model = keras.saving.load_model(model_path, compile=False)
+    return keras.ops.convert_to_numpy(model.predict(images, verbose=0))

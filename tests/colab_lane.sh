@@ -42,7 +42,7 @@ if ! is_313 "$venv/bin/python"; then
 fi
 pip=("$venv/bin/python" -m pip install -q -c tests/colab-constraints.txt)
 "${pip[@]}" --upgrade pip || exit 1
-"${pip[@]}" "$wheel[test,viz,litert]" || exit 1
+"${pip[@]}" "$wheel[train,jax,test,viz,litert]" || exit 1
 "${pip[@]}" --force-reinstall --no-deps "$wheel" || exit 1
 "$venv/bin/python" -c 'import keras, jax, numpy, tensorflow, sys; print(f"colab lane: Python {sys.version.split()[0]}, keras {keras.__version__}, jax {jax.__version__}, numpy {numpy.__version__}, tensorflow {tensorflow.__version__}")' 2>/dev/null
 echo "colab lane: set up in $(( $(date +%s) - start )) s"
@@ -53,7 +53,7 @@ KERAS_BACKEND=jax KERAS_MIXER_TEST_INSTALLED=1 TF_CPP_MIN_LOG_LEVEL=2 \
   "$venv/bin/pytest" -q -p no:cacheprovider -m "not slow" \
   ${report:+--junitxml="$report"} \
   tests/test_package.py tests/test_model.py tests/test_layers.py tests/test_weights.py \
-  tests/test_pretrained.py tests/test_training.py tests/test_notebooks.py "$@"
+  tests/test_released.py tests/test_config.py tests/test_training.py tests/test_notebooks.py "$@"
 status=$?
 rm -rf "$dist"
 echo "colab lane: $(( $(date +%s) - start )) s in all"

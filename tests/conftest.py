@@ -47,6 +47,48 @@ def official_fixture():
     return load_fixture("official_flax_mixer_tiny.npz")
 
 
+@pytest.fixture
+def official_npz(official_fixture, tmp_path):
+    """The official fixture's parameters as a released-style file (no `params/` prefix)."""
+    config, arrays = official_fixture
+    params = {k[len("params/"):]: v for k, v in arrays.items() if k.startswith("params/")}
+    path = tmp_path / "Mixer-tiny.npz"
+    np.savez(path, **params)
+    return path, params, config, arrays
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A small digits Mixer trained for 10 epochs on this backend: decisive enough
+    that int8 rounding rarely flips its top-1 class. Shared by the export and
+    predict tests."""
+    from keras_mixer import config as config_lib
+    from keras_mixer import training
+
+    workdir = tmp_path_factory.mktemp("digits")
+    config = config_lib.load("digits")
+    config.update(epochs=10, model=dict(config["model"], num_blocks=2, hidden_dim=32,
+                                       tokens_mlp_dim=32, channels_mlp_dim=64))
+    training.train(config, workdir, verbose=0, distribution="none")
+    return workdir / "model.keras"
+
+
+@pytest.fixture(scope="session")
+def exported(trained, tmp_path_factory):
+    """`trained` in every format and quantization, int8 calibrated on digits test images."""
+    from keras_mixer import config as config_lib
+    from keras_mixer import data
+    from keras_mixer import export
+
+    out = tmp_path_factory.mktemp("export")
+    images = data.representative_images(config_lib.resolve(config_lib.load("digits")))
+    report = export.export(
+        trained, out, export.FORMATS, export.QUANTIZATIONS, representative_data=images,
+        class_names=[f"digit {i}" for i in range(10)],
+    )
+    return out, report
+
+
 def subprocess_env(backend):
     """Environment for running Python under another Keras backend."""
     env = dict(os.environ)

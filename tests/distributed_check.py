@@ -33,9 +33,10 @@ def main(argv):
 
     import keras
     import tensorflow as tf
-    from keras_mixer import configs, data, distribute, training
+    from keras_mixer import config as config_lib
+    from keras_mixer import data, distribute, optim, sources, training
 
-    config = configs.get("digits")
+    config = config_lib.load("digits")
     config.update(train_steps=3, steps_per_epoch=1, warmup_fraction=0.0)
     for spec in modes:
         mode, _, size = spec.partition(":")
@@ -48,25 +49,25 @@ def main(argv):
         val_loss = [float(row[log[0].index("val_loss")]) for row in log[1:]]
         # An evaluation whose last batch (357 = 11 x 32 + 5) does not split
         # over the replicas.
-        (_, _), (x_test, y_test) = data.load_digits()
+        (_, _), (x_test, y_test) = sources.load_digits()
         odd = tf.data.Dataset.from_tensor_slices(
             (x_test[:357].astype("float32"), tf.one_hot(y_test[:357], 10))
         ).batch(32)
         with placement.scope():
             model = keras.saving.load_model(workdir / "model.keras", compile=False)
             model.compile(
-                loss=training.make_loss("softmax_xent"),
+                loss=optim.make_loss("softmax_xent"),
                 weighted_metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
             )
             odd_eval = model.evaluate(
-                training.pad_for_replicas(odd, placement, 32, 357), return_dict=True, verbose=0
+                data.pad_for_replicas(odd, placement, 32, 357), return_dict=True, verbose=0
             )
         shardings = {}
         if keras.backend.backend() == "jax":
             # Rebuild the trained model in the same scope to read its layouts.
             with placement.scope():
                 model = keras.saving.load_model(workdir / "model.keras", compile=False)
-                model.compile(optimizer=training.make_optimizer(1e-3, 3, 0, 0.1, 1.0))
+                model.compile(optimizer=optim.make_optimizer(1e-3, 3, 0, 0.1, 1.0))
                 model.optimizer.build(model.trainable_variables)
             for variable in list(model.variables) + list(model.optimizer.variables):
                 spec_ = getattr(variable.value.sharding, "spec", None)

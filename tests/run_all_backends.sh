@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests need, then runs the whole suite once per Keras
-# backend (jax, tensorflow, torch), then the Colab lane (tests/colab_lane.sh:
+# backend (jax, tensorflow, torch) after ruff, then the Colab lane (tests/colab_lane.sh:
 # the built wheel on Colab's TPU-runtime versions, JAX), and prints one total.
 #   bash tests/run_all_backends.sh            # everything, slow tests included
 #   bash tests/run_all_backends.sh -m "not slow"   # extra args go to pytest
@@ -12,8 +12,11 @@ PYTHON=${PYTHON:-python}
 if [ "${SKIP_INSTALL:-0}" != 1 ]; then
   # Install the torch CPU build first where you can (see README): the extra's
   # range then installs nothing more.
-  "$PYTHON" -m pip install -q -e ".[test,torch,export,viz]" || exit 1
+  "$PYTHON" -m pip install -q -e ".[all,test]" || exit 1
 fi
+# The linter first: its configuration is pyproject.toml's [tool.ruff].
+echo "=== ruff ==="
+"$PYTHON" -m ruff check . || exit 1
 reports=$(mktemp -d)
 status=0
 for backend in jax tensorflow torch; do

@@ -1,12 +1,16 @@
-import time
+"""Input pipelines: deterministic, resumable, sharded training streams; evaluation sets;
+a config's datasets."""
+
+import dataclasses
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from keras_mixer import config as config_lib
 from keras_mixer import data
-from conftest import write_image_folder
+from keras_mixer import sources
 
 SHAPE = (16, 16, 3)
 
@@ -14,7 +18,7 @@ SHAPE = (16, 16, 3)
 @pytest.fixture
 def mock_cifar():
     with tfds.testing.mock_data(num_examples=24):
-        yield data.tfds_source("cifar10", "train")
+        yield sources.tfds_source("cifar10", "train")
 
 
 def batches(dataset, n):
@@ -48,7 +52,7 @@ def test_train_pipeline_start_step_continues_the_same_stream(mock_cifar):
 
 def test_shards_are_disjoint_and_equal_sized(mock_cifar):
     def labels_of(index):
-        source = mock_cifar._replace(dataset=mock_cifar.dataset.enumerate().map(
+        source = dataclasses.replace(mock_cifar, dataset=mock_cifar.dataset.enumerate().map(
             lambda i, ex: (ex[0], tf.cast(i, tf.int32))), num_classes=24)
         dataset, steps = data.train_pipeline(source, 4, SHAPE, num_shards=2, shard_index=index)
         return steps, {int(i) for _, y in batches(dataset, 3) for i in y.argmax(1)}
@@ -99,41 +103,83 @@ def test_inception_crop_of_the_full_area_is_the_image_or_its_mirror():
     assert small.shape == (6, 6, 3)
 
 
-def test_image_folder_mixed_sizes_and_formats_skips_a_corrupt_file(tmp_path, caplog):
-    write_image_folder(tmp_path, per_class=3, corrupt=True)
-    source = data.image_folder_source(tmp_path)
-    assert (source.num_examples, source.num_classes) == (6, 2)
-    assert [p.endswith("broken.jpg") for p in source.skipped] == [True]
-    assert "Skipped 1 file(s)" in caplog.text and "broken.jpg" in caplog.text
-    dataset, _ = data.train_pipeline(source, 3, SHAPE, seed=0)
-    for images, labels in batches(dataset, 4):
-        assert images.shape == (3,) + SHAPE
-        # cat images are grey 20, dog images grey 120: labels match pixels.
-        np.testing.assert_allclose(images.mean((1, 2, 3)), 20 + 100 * labels.argmax(1), atol=2)
+def digits_train(batch_size, seed, shift_pixels):
+    return data.train_pipeline(sources.digits_source("train"), batch_size, (8, 8, 1), seed=seed,
+                               shift_pixels=shift_pixels)
 
 
-def test_image_folder_with_splits_and_clear_errors(tmp_path):
-    write_image_folder(tmp_path / "train", corrupt=False)
-    write_image_folder(tmp_path / "test", per_class=1, corrupt=False)
-    assert data.image_folder_source(tmp_path, "test").num_examples == 2
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        data.image_folder_source(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="has no test split"):
-        data.image_folder_source(tmp_path / "train", "test")
-    with pytest.raises(ValueError, match="needs `data_dir`"):
-        data.make_source("image_folder", "train")
+def test_digits_pipeline_batches_shifts_and_is_deterministic():
+    def first_batch(seed):
+        train, steps = digits_train(32, seed, shift_pixels=1)
+        return steps, next(iter(train))
+
+    steps, (images, labels) = first_batch(3)
+    assert steps == 1437 // 32
+    assert images.shape == (32, 8, 8, 1) and labels.shape == (32, 10)
+    np.testing.assert_array_equal(labels.numpy().sum(1), 1)
+    _, (images_again, _) = first_batch(3)
+    np.testing.assert_array_equal(images.numpy(), images_again.numpy())
+    _, (other, _) = first_batch(4)
+    assert not np.array_equal(images.numpy(), other.numpy())
 
 
-def test_missing_tfds_data_fails_fast_with_instructions(tmp_path, monkeypatch):
-    start = time.perf_counter()
-    with pytest.raises(FileNotFoundError) as error:
-        data.tfds_source("cifar10", "train", data_dir=str(tmp_path))
-    message = str(error.value)
-    assert "'cifar10'" in message and str(tmp_path) in message
-    assert f"tfds build cifar10 --data_dir {tmp_path}" in message
-    monkeypatch.setattr(data, "_check_online", lambda: False)
-    with pytest.raises(FileNotFoundError, match="this machine is offline"):
-        data.tfds_source("cifar10", "train", data_dir=str(tmp_path), download=True)
-    assert time.perf_counter() - start < 20
-    with pytest.raises(ValueError, match="Unknown tensorflow-datasets name 'cifar11'"):
-        data.tfds_source("cifar11", "train", data_dir=str(tmp_path))
+@pytest.mark.parametrize("shift", [0, 1])
+def test_digits_pipeline_shifts_by_at_most_shift_pixels(shift):
+    (x_train, y_train), _ = sources.load_digits()
+    padded = np.pad(x_train, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    allowed = [(dy, dx) for dy in range(1 - shift, 2 + shift) for dx in range(1 - shift, 2 + shift)]
+    candidates = {
+        (dy, dx): padded[:, dy:dy + 8, dx:dx + 8].reshape(len(x_train), -1) for dy, dx in allowed
+    }
+    train, _ = digits_train(64, 0, shift_pixels=shift)
+    images, labels = next(iter(train))
+    used = set()
+    for image, label in zip(images.numpy().reshape(64, -1), labels.numpy().argmax(1)):
+        matches = [
+            key for key, flat in candidates.items()
+            if np.any(np.all(flat[y_train == label] == image, axis=1))
+        ]
+        assert matches, "an image that is no allowed shift of a training image of its class"
+        used.update(matches)
+    if shift:
+        assert len(used) > 1  # shifts do happen
+
+
+def test_make_datasets_of_the_digits_config():
+    config = config_lib.resolve(config_lib.load("digits"))
+    datasets = data.make_datasets(config, 32)
+    assert (datasets.steps_per_epoch, datasets.num_classes, datasets.image_shape) == (1437 // 32, 10, (8, 8, 1))
+    images, labels = next(iter(datasets.train_fn(0)))
+    assert images.shape == (32, 8, 8, 1) and labels.shape == (32, 10)
+    # Resuming at step 3 gives the fourth batch of the stream.
+    fourth = list(datasets.train_fn(0).take(4))[3][0].numpy()
+    np.testing.assert_array_equal(next(iter(datasets.train_fn(3)))[0].numpy(), fourth)
+    (x_test, y_test), = [sources.load_digits()[1]]
+    evaluation = list(datasets.eval)
+    assert len(evaluation) == 1  # eval_batch_size 512: the 360 images in one batch
+    np.testing.assert_array_equal(evaluation[0][0].numpy(), x_test)  # no crop, no resize
+    np.testing.assert_array_equal(evaluation[0][1].numpy().argmax(1), y_test)
+    with pytest.raises(ValueError, match=r"never resized; the model takes \(16, 16, 1\)"):
+        data.eval_pipeline(sources.digits_source("test"), 8, (16, 16, 1))
+    with pytest.raises(ValueError, match="`batch_size` 2000 exceeds the 1437 training examples"):
+        data.make_datasets(config, 2000)
+
+
+def test_representative_images_are_evaluation_images():
+    config = config_lib.resolve(config_lib.load("digits"))
+    images = data.representative_images(config, count=50)
+    np.testing.assert_array_equal(images, sources.load_digits()[1][0][:50])
+
+
+def test_one_set_of_sources_serves_two_resolutions():
+    """As fine-tuning at 2x (Appendix C) does: the sources are listed once,
+    and each config's datasets take its own image size."""
+    with tfds.testing.mock_data(num_examples=24):
+        base = config_lib.resolve(dict(dataset="cifar10", image_size=32, batch_size=8))
+        sources_ = data.make_sources(base)
+        twice = config_lib.resolve(dict(base, image_size=64))
+        for config, side in ((base, 32), (twice, 64)):
+            datasets = data.make_datasets(config, 8, sources=sources_)
+            assert datasets.image_shape == (side, side, 3)
+            assert next(iter(datasets.train_fn(0)))[0].shape == (8, side, side, 3)
+            assert next(iter(datasets.eval))[0].shape[1:] == (side, side, 3)

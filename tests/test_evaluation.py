@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 
 from keras_mixer import MLPMixer, data, evaluation
+from keras_mixer import config as config_lib
+from keras_mixer import optim
+from keras_mixer import sources
 from keras_mixer import weights
+from base import to_numpy
 
 
 def separable(n_per_class, num_classes=4, dim=4, seed=0):
@@ -41,7 +45,7 @@ def test_primal_and_dual_solutions_agree():
 
 
 def test_few_shot_on_digits_pixels_is_deterministic_and_improves_with_shots():
-    (x_train, y_train), (x_test, y_test) = data.load_digits()
+    (x_train, y_train), (x_test, y_test) = sources.load_digits()
     train = x_train.reshape(len(x_train), -1)
     test = x_test.reshape(len(x_test), -1)
     first = evaluation.few_shot(train, y_train, test, y_test, 10, shots=(1, 10), seeds=(0, 1))
@@ -61,6 +65,12 @@ def test_pre_logits_are_the_headless_model_output():
     assert features.shape == (6, 16)
     headless = weights.reset_head(model, None)
     np.testing.assert_allclose(features, evaluation.pre_logits(headless, images), atol=1e-6)
+    # The features model shares the model's weights: no copy is made.
+    sub = evaluation.features(model)
+    assert {id(v) for v in sub.weights} <= {id(v) for v in model.weights}
+    norm = model.get_layer("pre_head_layer_norm")
+    norm.beta.assign(np.full(norm.beta.shape, 3.0, "float32"))
+    np.testing.assert_allclose(to_numpy(sub(images)), features + 3.0, atol=1e-5)
 
 
 def test_confusion_matrix_and_report():
@@ -68,28 +78,37 @@ def test_confusion_matrix_and_report():
     np.testing.assert_array_equal(matrix, [[1, 1, 0], [0, 1, 0], [1, 0, 2]])
     model = MLPMixer(image_shape=(8, 8, 1), patch_size=2, num_blocks=1, hidden_dim=16,
                      tokens_mlp_dim=8, channels_mlp_dim=32, num_classes=10)
-    _, test, _ = data.digits_datasets(32, shift_pixels=0)
-    report = evaluation.classification_report(model, test, 10)
+    test = data.eval_pipeline(sources.digits_source("test"), 32, (8, 8, 1))
+    report = evaluation.classification_report(model, test, 10, optim.make_loss("softmax_xent"))
+    assert report["loss"] == pytest.approx(np.log(10), abs=1e-5)  # equal scores
     assert report["count"] == 360 and report["confusion_matrix"].sum() == 360
     # A zero head gives equal scores: top-1 is class 0, top-5 classes 0-4.
-    assert report["accuracy"] == pytest.approx(np.mean(data.load_digits()[1][1] == 0))
-    assert report["top5"] == pytest.approx(np.mean(data.load_digits()[1][1] < 5))
+    assert report["accuracy"] == pytest.approx(np.mean(sources.load_digits()[1][1] == 0))
+    assert report["top5"] == pytest.approx(np.mean(sources.load_digits()[1][1] < 5))
 
 
 def test_evaluate_cli_matches_keras_evaluate_and_writes_its_files(tmp_path, capsys):
-    from keras_mixer import configs, evaluate, training
+    import keras
 
-    config = configs.get("digits")
+    from keras_mixer import training
+
+    config = config_lib.load("digits")
     config.update(epochs=2, model=dict(config["model"], num_blocks=1, hidden_dim=16,
                                        tokens_mlp_dim=16, channels_mlp_dim=32))
     training.train(config, tmp_path / "run", verbose=0, distribution="none")
     model_path = tmp_path / "run" / "model.keras"
-    assert evaluate.main(["--model", str(model_path), "--config", "digits", "--few_shot", "1", "5",
-                          "--seeds", "2", "--out_dir", str(tmp_path / "eval")]) == 0
+    assert evaluation.main(["--model", str(model_path), "--config", "digits", "--few_shot", "1", "5",
+                            "--seeds", "2", "--out_dir", str(tmp_path / "eval")]) == 0
     results = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
-    expected = training.evaluate(configs.get("digits"), model_path, verbose=0)
+    # Keras' own evaluate, compiled as training compiles, is the reference.
+    resolved = config_lib.resolve(config_lib.load("digits"))
+    model = keras.saving.load_model(model_path, compile=False)
+    model.compile(loss=optim.make_loss(resolved["loss"], resolved["label_smoothing"]),
+                  weighted_metrics=optim.make_metrics(10))
+    expected = model.evaluate(data.make_datasets(resolved, 32).eval, return_dict=True, verbose=0)
     assert results["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
     assert results["top5"] == pytest.approx(expected["top5"], abs=1e-6)
+    assert results["loss"] == pytest.approx(expected["loss"], abs=1e-5)
     assert results["count"] == 360 and np.sum(results["confusion_matrix"]) == 360
     assert set(results["few_shot"]) == {"1", "5"}
     assert len(results["few_shot"]["5"]["accuracies"]) == 2
@@ -99,5 +118,12 @@ def test_evaluate_cli_matches_keras_evaluate_and_writes_its_files(tmp_path, caps
     other = MLPMixer(image_shape=(16, 16, 3), patch_size=4, num_blocks=1, hidden_dim=8,
                      tokens_mlp_dim=8, channels_mlp_dim=8, num_classes=10)
     other.save(tmp_path / "other.keras")
-    with pytest.raises(ValueError, match=r"takes \(16, 16, 3\) images; the config's data has \(8, 8, 1\)"):
-        evaluate.run(tmp_path / "other.keras", configs.get("digits"))
+    with pytest.raises(ValueError, match=r"takes \(16, 16, 3\) images and gives 10 classes; "
+                       r"the config's data has \(8, 8, 1\) images and 10 classes"):
+        evaluation.evaluate(tmp_path / "other.keras", config_lib.load("digits"))
+    five = MLPMixer(image_shape=(8, 8, 1), patch_size=2, num_blocks=1, hidden_dim=8,
+                    tokens_mlp_dim=8, channels_mlp_dim=8, num_classes=5)
+    with pytest.raises(ValueError, match=r"gives 5 classes; the config's data has \(8, 8, 1\) images and 10"):
+        evaluation.evaluate(five, config_lib.load("digits"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluation.evaluate(tmp_path / "missing.keras", config_lib.load("digits"))

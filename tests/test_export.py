@@ -7,38 +7,13 @@ import sys
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
+from base import keras_logits
 from conftest import subprocess_env
-from keras_mixer import configs, data, export, predict, training
+from keras_mixer import export
+from keras_mixer import sources
 
 BACKEND = keras.backend.backend()
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A small digits Mixer trained for 10 epochs on this backend: decisive enough
-    that int8 rounding rarely flips its top-1 class."""
-    workdir = tmp_path_factory.mktemp("digits")
-    config = configs.get("digits")
-    config.update(epochs=10, model=dict(config["model"], num_blocks=2, hidden_dim=32,
-                                       tokens_mlp_dim=32, channels_mlp_dim=64))
-    training.train(config, workdir, verbose=0, distribution="none")
-    return workdir / "model.keras"
-
-
-@pytest.fixture(scope="module")
-def exported(trained, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export")
-    report = export.export(
-        trained, out, export.FORMATS, export.QUANTIZATIONS, class_names=[f"digit {i}" for i in range(10)]
-    )
-    return out, report
-
-
-def keras_logits(model_path, images):
-    model = keras.saving.load_model(model_path, compile=False)
-    return keras.ops.convert_to_numpy(model.predict(images, verbose=0))
 
 
 def test_every_format_and_quantization_passes_its_check(trained, exported):
@@ -58,7 +33,7 @@ def test_every_format_and_quantization_passes_its_check(trained, exported):
     assert entries[("tflite", "int8")]["size_bytes"] < entries[("tflite", "float32")]["size_bytes"]
 
     # Recompute one check here: this backend's Keras against LiteRT and ONNX Runtime.
-    images = export.default_data((8, 8, 1))[:32]
+    images = sources.load_digits()[1][0][:32]
     expected = keras_logits(trained, images)
     got = export.load_tflite(out / "model_float32.tflite")(images)
     assert np.abs(got - expected).max() <= 1e-4
@@ -68,7 +43,7 @@ def test_every_format_and_quantization_passes_its_check(trained, exported):
 
 def test_saved_model_loads_without_keras_mixer(trained, exported, tmp_path):
     out, _ = exported
-    images = export.default_data((8, 8, 1))[:5]
+    images = sources.load_digits()[1][0][:5]
     np.save(tmp_path / "images.npy", images)
     np.save(tmp_path / "expected.npy", keras_logits(trained, images))
     script = f"""
@@ -96,7 +71,7 @@ print("ok")
 
 def test_a_broken_export_is_caught(trained, exported):
     out, _ = exported
-    images = export.default_data((8, 8, 1))[:32]
+    images = sources.load_digits()[1][0][:32]
     model = keras.saving.load_model(trained, compile=False)
     head = model.get_layer("head")
     head.bias.assign(keras.ops.convert_to_numpy(head.bias) + np.arange(10, dtype="float32"))
@@ -119,26 +94,6 @@ def test_a_failed_check_raises_and_marks_the_file(trained, tmp_path, monkeypatch
     assert not (tmp_path / "model_float32.tflite").exists()
 
 
-def test_predict_prints_the_class_of_a_png(trained, exported, tmp_path):
-    out, _ = exported
-    _, (x_test, y_test) = data.load_digits()
-    scores = keras_logits(trained, x_test[:50])
-    index = int(np.flatnonzero(scores.argmax(-1) == y_test[:50])[0])  # one it gets right
-    png = tmp_path / "digit.png"
-    tf.io.write_file(str(png), tf.io.encode_png(tf.cast(tf.round(x_test[index]), tf.uint8)))
-    for model in (trained, out / "model_int8.tflite", out / "saved_model", out / "model.onnx"):
-        best = predict.predict(model, [png])[0]
-        top = f"digit {y_test[index]}" if model != trained else int(y_test[index])
-        assert best[0][0] == top, (model, best)
-        assert len(best) == 5 and abs(sum(p for _, p in best) - 1) < 0.5
-    done = subprocess.run(
-        [sys.executable, "-m", "keras_mixer.predict", "--model", str(out / "model.onnx"), str(png)],
-        env=subprocess_env(BACKEND), capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().startswith(f"{png}: digit {y_test[index]} ")
-
-
 def test_clear_errors(trained, tmp_path):
     with pytest.raises(ValueError, match=r"Unknown export format\(s\) \['pt'\]. Valid: saved_model, tflite, onnx"):
         export.export(trained, tmp_path, ["pt"])
@@ -146,14 +101,17 @@ def test_clear_errors(trained, tmp_path):
         export.export(trained, tmp_path, ["tflite"], "int4")
     with pytest.raises(ValueError, match="applies to TFLite: add 'tflite'"):
         export.export(trained, tmp_path, ["onnx"], "int8")
-    with pytest.raises(ValueError, match=r"representative_data has shape \(4, 16, 16, 3\); the model takes \(N, 8, 8, 1\)"):
+    with pytest.raises(ValueError,
+                       match=r"representative_data has shape \(4, 16, 16, 3\); the model takes \(N, 8, 8, 1\)"):
         export._check_data(np.zeros((4, 16, 16, 3)), (8, 8, 1))
     weights = tmp_path / "m.weights.h5"
     keras.saving.load_model(trained, compile=False).save_weights(weights)
     with pytest.raises(ValueError, match="holds weights only: pass the MLPMixer arguments as model_config"):
         export.load_model(weights)
-    with pytest.raises(ValueError, match="is not a model keras_mixer.predict reads"):
-        predict.predict(tmp_path / "m.pt", [tmp_path / "x.png"])
+    with pytest.raises(ValueError, match=r"int8 TFLite is calibrated on images of the model's data: "
+                       r"pass representative_data .*representative_images\(config\)"):
+        export.export(trained, tmp_path, ["tflite"], ["float32", "int8"])
+    assert not list(tmp_path.glob("*.tflite"))
 
 
 def test_missing_optional_dependency_names_the_extra(trained, tmp_path, monkeypatch):

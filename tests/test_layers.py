@@ -126,8 +126,10 @@ def test_stochastic_depth_same_seed_same_mask():
         (MLPBlock, {"mlp_dim": 0}, "`mlp_dim` must be a positive integer"),
         (MLPBlock, {"mlp_dim": 8, "dropout_rate": 1.5}, "`dropout_rate` must be in [0, 1)"),
         (MixerBlock, {"tokens_mlp_dim": -1, "channels_mlp_dim": 8}, "`tokens_mlp_dim` must be a positive integer"),
-        (MixerBlock, {"tokens_mlp_dim": 4, "channels_mlp_dim": 8, "stochastic_depth_rate": 1}, "`stochastic_depth_rate` must be in [0, 1)"),
-        (MixerBlock, {"tokens_mlp_dim": 4, "channels_mlp_dim": 8, "layer_norm_epsilon": 0}, "`layer_norm_epsilon` must be positive"),
+        (MixerBlock, {"tokens_mlp_dim": 4, "channels_mlp_dim": 8, "stochastic_depth_rate": 1},
+         "`stochastic_depth_rate` must be in [0, 1)"),
+        (MixerBlock, {"tokens_mlp_dim": 4, "channels_mlp_dim": 8, "layer_norm_epsilon": 0},
+         "`layer_norm_epsilon` must be positive"),
     ],
 )
 def test_layer_argument_errors(cls, kwargs, message):

@@ -5,8 +5,10 @@ import keras
 from keras_mixer import MixerBlock
 from keras_mixer import MLPMixer
 from keras_mixer import VARIANTS
-from keras_mixer import load_official_params
+from keras_mixer import load_official
 from base import check_model
+from base import fixture_model
+from base import fixture_params
 from base import to_numpy
 
 
@@ -19,36 +21,18 @@ def tiny(**kwargs):
     return MLPMixer(**config)
 
 
-def fixture_model(config, **kwargs):
-    """The model of a fixture's config (official: patch [4, 4]; timm: patch 4)."""
-    return MLPMixer(
-        image_shape=(*config["image"], 3),
-        patch_size=config["patch"],
-        num_blocks=config["num_blocks"],
-        hidden_dim=config["hidden_dim"],
-        tokens_mlp_dim=config["tokens_mlp_dim"],
-        channels_mlp_dim=config["channels_mlp_dim"],
-        include_preprocessing=False,
-        **kwargs,
-    )
-
-
-def fixture_params(arrays):
-    return {k: v for k, v in arrays.items() if k.startswith("params/")}
-
-
 # --- Fidelity to the official Flax model -------------------------------------
 
 
 def test_matches_official_flax_logits_and_pre_logits(official_fixture):
     config, arrays = official_fixture
     model = fixture_model(config, num_classes=config["num_classes"])
-    load_official_params(model, fixture_params(arrays))
+    load_official(model, fixture_params(arrays))
     logits = to_numpy(model(arrays["inputs"]))
     assert np.abs(logits - arrays["logits"]).max() <= 1e-6
 
     features = fixture_model(config, num_classes=None)
-    load_official_params(features, fixture_params(arrays))
+    load_official(features, fixture_params(arrays))
     pre_logits = to_numpy(features(arrays["inputs"]))
     assert np.abs(pre_logits - arrays["pre_logits"]).max() <= 1e-6
 
@@ -56,7 +40,7 @@ def test_matches_official_flax_logits_and_pre_logits(official_fixture):
 def test_exact_gelu_is_distinguishable_from_official(official_fixture):
     config, arrays = official_fixture
     model = fixture_model(config, num_classes=config["num_classes"], gelu_approximate=False)
-    load_official_params(model, fixture_params(arrays))
+    load_official(model, fixture_params(arrays))
     logits = to_numpy(model(arrays["inputs"]))
     assert np.abs(logits - arrays["logits"]).max() > 1e-5
 
@@ -67,8 +51,8 @@ def test_preprocessing_maps_pixels_to_official_range(official_fixture):
     config_kwargs = {k: v for k, v in raw.get_config().items() if k != "name"}
     config_kwargs["include_preprocessing"] = True
     pixels_model = MLPMixer(**config_kwargs)
-    load_official_params(raw, fixture_params(arrays))
-    load_official_params(pixels_model, fixture_params(arrays))
+    load_official(raw, fixture_params(arrays))
+    load_official(pixels_model, fixture_params(arrays))
     pixels = (arrays["inputs"].clip(-1, 1) + 1.0) * 127.5
     np.testing.assert_allclose(
         to_numpy(pixels_model(pixels)),
@@ -176,12 +160,12 @@ def test_model_round_trips_fits_and_saves(tmp_path):
 
 
 def _train_weights(model, x, y, steps=2):
-    from keras_mixer import training
+    from keras_mixer import distribute
 
     model.compile(
         optimizer=keras.optimizers.Adam(1e-2),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        jit_compile=training.jit_compile_setting(),
+        jit_compile=distribute.jit_compile_setting(),
     )
     losses = [float(model.train_on_batch(x, y)) for _ in range(steps)]
     return losses, [np.array(w) for w in model.get_weights()]
@@ -218,7 +202,8 @@ def test_remat_with_dropout_is_refused():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"image_shape": (30, 32, 3)}, r"Image height 30 is not divisible by the patch height 4.*multiple of 4 \(e\.g\. 28 or 32\)"),
+        ({"image_shape": (30, 32, 3)},
+         r"Image height 30 is not divisible by the patch height 4.*multiple of 4 \(e\.g\. 28 or 32\)"),
         ({"image_shape": (32, 30, 3)}, r"Image width 30 is not divisible by the patch width 4"),
         ({"image_shape": (32, 32)}, r"`image_shape` must be \(height, width, channels\)"),
         ({"image_shape": (0, 32, 3)}, r"`image_shape` must be a positive integer"),

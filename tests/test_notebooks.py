@@ -13,7 +13,6 @@ cell error fails the test with the cell's traceback.
 
 import json
 import os
-import pathlib
 import re
 
 import numpy as np
@@ -49,10 +48,12 @@ EXPECTED = {
 }
 
 
-# The extras each notebook installs: only what it uses.
+# The extras each notebook installs: only what it uses. Every one feeds
+# tf.data (`train`); Colab's TPU runtime ships JAX.
 EXTRAS = {
-    "01_quickstart.ipynb": "[viz]", "02_finetune_pretrained.ipynb": "",
-    "03_pretrain_tpu.ipynb": "[viz]", "04_inspect.ipynb": "[viz]", "05_export.ipynb": "[litert]",
+    "01_quickstart.ipynb": "[train,viz]", "02_finetune_pretrained.ipynb": "[train]",
+    "03_pretrain_tpu.ipynb": "[train,viz]", "04_inspect.ipynb": "[train,viz]",
+    "05_export.ipynb": "[train,litert]",
 }
 RELEASED_NAME = "imagenet21k/Mixer-B_16"
 
@@ -95,7 +96,8 @@ def test_notebook_is_clean(name):
     spec = f"keras-mixer{EXTRAS[name]} @ git+https://github.com/{repo}@v{_version()}"
     assert f'KERAS_MIXER = "{spec}"' in install, f"{name}: install cell must pin {spec!r}"
     source = "\n".join(c.source for c in code)
-    # Only the extras it uses: matplotlib (viz), the LiteRT interpreter (litert).
+    # Only the extras it uses: tf.data (train), matplotlib (viz), the LiteRT interpreter (litert).
+    assert "train" in EXTRAS[name] and re.search(r"\b(data|training)\.", source), name
     uses_viz = bool(re.search(r"matplotlib|visualize", source))
     assert uses_viz == ("viz" in EXTRAS[name]), name
     assert ("ai_edge_litert" in source) == ("litert" in EXTRAS[name]), name

@@ -1,66 +1,161 @@
+"""The package's structure, read from its source: one concept per module, imports that
+flow config -> data and model -> training -> export with no cycle, and the public API."""
+
 import ast
 import sys
+
+import pytest
 
 import keras_mixer
 from conftest import ROOT
 
 STDLIB = set(sys.stdlib_module_names)
+PACKAGE = ROOT / "keras_mixer"
+MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+# The test file of each module (the notebooks', the package's and the
+# distributed runner's live beside them).
+TESTS = {p.stem[len("test_"):] for p in (ROOT / "tests").glob("test_*.py")}
 
 
-def imported_roots(path):
+def imports(path, top_level_only=False):
+    """The modules `path` imports, as dotted names (`from keras_mixer import data`
+    gives `keras_mixer.data`); with `top_level_only`, only those imported when
+    the module itself is imported."""
     tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else ast.walk(tree)
     names = set()
-    for node in ast.walk(tree):
+    for node in nodes:
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             names.add(node.module)
+            if node.module == "keras_mixer":
+                names.update(f"keras_mixer.{alias.name}" for alias in node.names)
     return names
 
 
+def package_imports(module, top_level_only=False):
+    """The keras_mixer modules `module` imports (`keras_mixer.x` -> "x")."""
+    found = set()
+    for name in imports(PACKAGE / f"{module}.py", top_level_only):
+        parts = name.split(".")
+        if parts[0] == "keras_mixer" and len(parts) > 1:
+            found.add(parts[1])
+    return found - {module}
+
+
+def test_no_module_level_import_cycle():
+    graph = {m: package_imports(m, top_level_only=True) & set(MODULES) for m in MODULES}
+    done, path = set(), []
+
+    def visit(module):
+        if module in path:
+            pytest.fail("import cycle: " + " -> ".join(path[path.index(module):] + [module]))
+        if module in done:
+            return
+        path.append(module)
+        for other in sorted(graph[module]):
+            visit(other)
+        path.pop()
+        done.add(module)
+
+    for module in MODULES:
+        visit(module)
+
+
 def test_layers_and_model_import_only_keras_numpy_and_stdlib():
-    """The dependency direction of STYLE.md: the model never imports data code."""
-    allowed = {"keras", "numpy", "keras_mixer.layers"}
-    for module in ("layers.py", "model.py", "weights.py"):
-        for name in imported_roots(ROOT / "keras_mixer" / module):
+    """The model may reach `weights` lazily, inside MLPMixer.from_checkpoint only."""
+    for module, allowed in (("layers", set()), ("model", {"layers"})):
+        for name in imports(PACKAGE / f"{module}.py", top_level_only=True):
             root = name.split(".")[0]
-            if module == "weights.py" and name in {"safetensors.numpy", "torch", "keras_mixer.model"}:
-                continue  # Optional file readers, imported where used; weights builds models.
-            if module == "model.py" and name == "keras_mixer":
-                continue  # `from keras_mixer import weights` inside from_checkpoint only.
-            assert root in STDLIB or root in {"keras", "numpy"} or name in allowed, (module, name)
+            assert root in STDLIB or root in {"keras", "numpy"} or name in {
+                f"keras_mixer.{a}" for a in allowed} or name == "keras_mixer.layers", (module, name)
+    lazy = package_imports("model") - package_imports("model", top_level_only=True)
+    assert lazy == {"weights"}
+    tree = ast.parse((PACKAGE / "model.py").read_text())
+    functions = [node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+                 and any(isinstance(n, ast.ImportFrom) for n in ast.walk(node))]
+    assert functions == ["from_checkpoint"]
 
 
-def test_optional_readers_are_imported_lazily():
-    tree = ast.parse((ROOT / "keras_mixer" / "weights.py").read_text())
-    top_level = {
-        alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names
-    } | {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
-    assert not top_level & {"torch", "safetensors.numpy"}
+@pytest.mark.parametrize("module, forbidden", [
+    # Data code never imports model or training code.
+    ("sources", {"model", "layers", "weights", "training", "optim", "callbacks", "evaluation", "export"}),
+    ("data", {"model", "layers", "weights", "training", "optim", "callbacks", "evaluation", "export"}),
+    ("augment", {"model", "layers", "weights", "training", "optim", "callbacks", "evaluation", "export"}),
+    # Weights never import training; export never imports data.
+    ("weights", {"training", "optim", "callbacks", "data", "sources", "evaluation"}),
+    ("released", {"training", "model", "weights", "data"}),
+    ("npz", set(MODULES) - {"npz"}),
+    ("export", {"data", "sources", "training", "evaluation"}),
+    ("checkpoint", {"training", "data", "model"}),
+])
+def test_dependency_direction(module, forbidden):
+    assert not package_imports(module) & forbidden, (module, package_imports(module) & forbidden)
 
 
-def test_data_never_imports_the_model():
-    for name in imported_roots(ROOT / "keras_mixer" / "data.py"):
-        assert not name.startswith("keras_mixer"), name
+def test_the_config_and_the_configs_are_standard_library_only():
+    """Configs are plain data and never import the trainer (or anything else)."""
+    paths = [PACKAGE / "config.py", *sorted((PACKAGE / "configs").glob("*.py"))]
+    for path in paths:
+        for name in imports(path):
+            assert name.split(".")[0] in STDLIB, (path.name, name)
+
+
+def test_the_optional_readers_are_imported_lazily():
+    top = imports(PACKAGE / "weights.py", top_level_only=True)
+    assert not top & {"torch", "safetensors.numpy"}
+
+
+def test_backend_branches_live_in_distribute():
+    """Per-backend branches: distribute.py; export.py's choice of a TensorFlow
+    process; layers.py's LayerNorm kernel, which is faster on JAX written out."""
+    for module in MODULES:
+        text = (PACKAGE / f"{module}.py").read_text()
+        if "backend.backend() ==" in text or "backend.backend() !=" in text:
+            assert module in {"distribute", "export", "layers"}, module
+        for private in ("_distribute_strategy", "._primary", "jax_state_sync", "multihost_utils"):
+            if private in text:
+                assert module == "distribute", (module, private)
+
+
+def test_every_module_has_its_test_file():
+    assert set(MODULES) - TESTS == set()
+
+
+def test_no_function_is_longer_than_60_lines():
+    """Past ~60 lines a function does several jobs. The exception is
+    MLPMixer.__init__: a subclassed functional model builds its whole graph
+    in its constructor (KerasHub's pattern)."""
+    long = []
+    for module in MODULES:
+        tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef):
+                body = node.body[1:] if ast.get_docstring(node) else node.body
+                length = body[-1].end_lineno - body[0].lineno + 1
+                if length > 60 and (module, node.name) != ("model", "__init__"):
+                    long.append(f"{module}.{node.name}: {length} lines")
+    assert not long, long
 
 
 def test_public_api():
     for name in ("MLPMixer", "MixerBlock", "MLPBlock", "StochasticDepth",
-                 "VARIANTS", "variant_config", "load_official_params", "load_timm",
-                 "load_official", "save_official", "reset_head", "adapt_resolution"):
+                 "VARIANTS", "variant_config", "load_official", "load_timm",
+                 "save_official", "reset_head", "adapt_resolution"):
         assert hasattr(keras_mixer, name), name
 
 
 def test_readme_table_lists_exactly_the_released_checkpoints():
     # The README's table is how users pick a checkpoint; a name added to
-    # RELEASED without a row (or a row for a name that does not load) is a bug.
-    from keras_mixer import weights
+    # released.NAMES without a row (or a row for a name that does not load) is a bug.
+    from keras_mixer import released
 
     readme = (ROOT / "README.md").read_text()
     section = readme.split("### Released checkpoints", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| `")]
     names = [row.split("`")[1] for row in rows]
-    assert names == list(weights.RELEASED)
+    assert names == list(released.NAMES)
     for name, row in zip(names, rows):
         assert f'from_checkpoint("{name}"' in row
 
@@ -73,13 +168,13 @@ def test_the_installed_package_is_the_one_tested():
     import re
 
     from conftest import INSTALLED
-    from keras_mixer import configs
+    from keras_mixer import config as config_lib
 
     version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)[1]
     assert importlib.metadata.version("keras-mixer") == version
     # Every config ships, and nothing under tests/ or notebooks/ does.
     shipped = {p.stem for p in (ROOT / "keras_mixer" / "configs").glob("*.py")} - {"__init__"}
-    assert set(configs.available()) == shipped
+    assert set(config_lib.available()) == shipped
     package = pathlib.Path(keras_mixer.__file__).resolve().parent
     if INSTALLED:
         assert package != ROOT / "keras_mixer", "the checkout was imported, not the installed wheel"

@@ -26,6 +26,7 @@ def get_config():
         ),
         epochs=60,
         batch_size=32,
+        eval_batch_size=512,  # the 360 test images in one batch: cheap per-epoch validation
         learning_rate=3e-3,
         warmup_fraction=0.1,
         weight_decay=0.2,

@@ -13,7 +13,8 @@ fine-tunes L/16 instead.
 
 Hardware: 448-px B/16 activations are 4x those at 224; the batch plan
 keeps the batch of 512 with 16 accumulated steps of 32 on one v5e chip, or
-8 of 64 on a v6e chip (bfloat16), or splits it over a v5e-8's chips. Expected: the paper's Table 2 reports 80.64% (B/16) and 82.89% (L/16)
+8 of 64 on a v6e chip (bfloat16), or splits it over a v5e-8's chips. Expected: the
+paper's Table 2 reports 80.64% (B/16) and 82.89% (L/16)
 ImageNet top-1 after ImageNet-21k pretraining; check the table's notes for
 the fine-tuning resolution behind each figure.
 

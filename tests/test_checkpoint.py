@@ -1,0 +1,45 @@
+"""Training states: written atomically, damaged ones skipped, other models refused."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_mixer import checkpoint
+from keras_mixer.model import MLPMixer
+
+
+def tiny_model():
+    model = MLPMixer(image_shape=(8, 8, 1), num_classes=3, patch_size=4, num_blocks=1,
+                     hidden_dim=4, tokens_mlp_dim=2, channels_mlp_dim=4)
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    return model
+
+
+def test_a_truncated_state_is_detected_and_the_previous_one_used(tmp_path, caplog):
+    model = tiny_model()
+    kernel = model.get_layer("stem").kernel
+    for step in (5, 10):
+        kernel.assign(np.full(kernel.shape, step, "float32"))
+        checkpoint.save_state(tmp_path, model, step)
+    newest = checkpoint.state_path(tmp_path, 10)
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # cut mid-write
+
+    restored = tiny_model()
+    header = checkpoint.restore_latest(tmp_path, restored)
+    assert header["step"] == 5
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(restored.get_layer("stem").kernel), 5)
+    assert "state-000000010.npz is damaged" in caplog.text
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_states_keep_the_newest_and_refuse_another_model(tmp_path):
+    model = tiny_model()
+    for step in (1, 2, 3):
+        checkpoint.save_state(tmp_path, model, step, keep=2)
+    assert [p.name for p in checkpoint.list_states(tmp_path)] == [
+        "state-000000003.npz", "state-000000002.npz"]
+    other = MLPMixer(image_shape=(8, 8, 1), num_classes=3, patch_size=4, num_blocks=1,
+                     hidden_dim=8, tokens_mlp_dim=2, channels_mlp_dim=4)
+    other.compile(optimizer="adam", loss="categorical_crossentropy")
+    with pytest.raises(ValueError, match="has shape .* a different config. Use a new work directory"):
+        checkpoint.restore_latest(tmp_path, other)

@@ -1,0 +1,77 @@
+"""Sources: the embedded digits, image folders and tensorflow-datasets, with clear errors."""
+
+import time
+
+import numpy as np
+import pytest
+
+from keras_mixer import data
+from keras_mixer import sources
+from conftest import write_image_folder
+
+SHAPE = (16, 16, 3)
+
+
+def batches(dataset, n):
+    return [(x.numpy(), y.numpy()) for x, y in dataset.take(n)]
+
+
+def test_digits_split_is_fixed_and_scaled():
+    (x_train, y_train), (x_test, y_test) = sources.load_digits()
+    assert x_train.shape == (1437, 8, 8, 1) and x_test.shape == (360, 8, 8, 1)
+    assert x_train.min() == 0 and x_train.max() == 255
+    assert np.bincount(y_test).min() >= 35  # stratified: every class present
+    (again, _), _ = sources.load_digits()
+    np.testing.assert_array_equal(x_train, again)
+
+
+def test_image_folder_mixed_sizes_and_formats_skips_a_corrupt_file(tmp_path, caplog):
+    write_image_folder(tmp_path, per_class=3, corrupt=True)
+    source = sources.image_folder_source(tmp_path)
+    assert (source.num_examples, source.num_classes) == (6, 2)
+    assert [p.endswith("broken.jpg") for p in source.skipped] == [True]
+    assert "Skipped 1 file(s)" in caplog.text and "broken.jpg" in caplog.text
+    dataset, _ = data.train_pipeline(source, 3, SHAPE, seed=0)
+    for images, labels in batches(dataset, 4):
+        assert images.shape == (3,) + SHAPE
+        # cat images are grey 20, dog images grey 120: labels match pixels.
+        np.testing.assert_allclose(images.mean((1, 2, 3)), 20 + 100 * labels.argmax(1), atol=2)
+
+
+def test_image_folder_with_splits_and_clear_errors(tmp_path):
+    write_image_folder(tmp_path / "train", corrupt=False)
+    write_image_folder(tmp_path / "test", per_class=1, corrupt=False)
+    assert sources.image_folder_source(tmp_path, "test").num_examples == 2
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sources.image_folder_source(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="has no test split"):
+        sources.image_folder_source(tmp_path / "train", "test")
+    with pytest.raises(ValueError, match="needs `data_dir`"):
+        sources.make_source("image_folder", "train")
+
+
+def test_missing_tfds_data_fails_fast_with_instructions(tmp_path, monkeypatch):
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError) as error:
+        sources.tfds_source("cifar10", "train", data_dir=str(tmp_path))
+    message = str(error.value)
+    assert "'cifar10'" in message and str(tmp_path) in message
+    assert f"tfds build cifar10 --data_dir {tmp_path}" in message
+    monkeypatch.setattr(sources, "_check_online", lambda: False)
+    with pytest.raises(FileNotFoundError, match="this machine is offline"):
+        sources.tfds_source("cifar10", "train", data_dir=str(tmp_path), download=True)
+    assert time.perf_counter() - start < 20
+    with pytest.raises(ValueError, match="Unknown tensorflow-datasets name 'cifar11'"):
+        sources.tfds_source("cifar11", "train", data_dir=str(tmp_path))
+
+
+def test_digits_are_a_source_of_fixed_size_images():
+    train, test = sources.make_source("digits", "train"), sources.digits_source("test")
+    assert (train.num_examples, test.num_examples, train.num_classes) == (1437, 360, 10)
+    assert train.image_shape == test.image_shape == (8, 8, 1)
+    (x_train, y_train), (x_test, y_test) = sources.load_digits()
+    images, labels = next(iter(test.dataset.batch(360)))
+    np.testing.assert_array_equal(images.numpy(), x_test)
+    np.testing.assert_array_equal(labels.numpy(), y_test)
+    with pytest.raises(ValueError, match="The digits have splits 'train' and 'test', got 'validation'"):
+        sources.make_source("digits", "validation")
