@@ -96,6 +96,10 @@ def parse_args(argv):
     )
     parser.add_argument("--checkpoint", help="the .keras model that --eval_only evaluates")
     parser.add_argument(
+        "--debug", action="store_true",
+        help="show the traceback of an error (also KERAS_MIXER_DEBUG=1); otherwise one line",
+    )
+    parser.add_argument(
         "--verbose", type=int, choices=(0, 1, 2), default=None,
         help="model.fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch "
         "(default: progress bar in a terminal, one line per epoch otherwise)",
@@ -128,7 +132,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     problem = missing_extras(os.environ.get("KERAS_BACKEND", _keras_json_backend()))
     if problem:
-        sys.exit(f"error: {problem}")
+        raise ImportError(problem)
     from keras_mixer import config as config_lib
 
     # The config is checked before any device, data or model is touched.
@@ -197,20 +201,21 @@ def _keras_json_backend():
         return "tensorflow"
 
 
-def _ensure_malloc_tunables():
-    """Runs keras_mixer/runtime.py's `ensure_malloc_tunables` before the
-    package (and so Keras and a backend) is imported: it may re-execute this
-    command once, and then only the interpreter start is repeated."""
+def _standalone(name):
+    """keras_mixer/<name>.py (standard library only) loaded without the package,
+    whose import starts Keras and a backend: runtime.py's settings must come
+    first, and cli.py must report a missing extra that Keras would trip on."""
     package = importlib.util.find_spec("keras_mixer")
     if package is None or not package.submodule_search_locations:
-        return  # Not installed: main() says so.
-    path = os.path.join(list(package.submodule_search_locations)[0], "runtime.py")
-    spec = importlib.util.spec_from_file_location("_keras_mixer_runtime", path)
-    runtime = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(runtime)
-    runtime.ensure_malloc_tunables()
+        sys.exit('error: keras_mixer is not installed: pip install -e ".[train]" in the checkout.')
+    path = os.path.join(list(package.submodule_search_locations)[0], f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_keras_mixer_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 if __name__ == "__main__":
-    _ensure_malloc_tunables()
-    main()
+    # May re-execute this command once; then only the interpreter start is repeated.
+    _standalone("runtime").ensure_malloc_tunables()
+    sys.exit(_standalone("cli").run(main))

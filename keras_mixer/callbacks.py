@@ -3,21 +3,31 @@
 - `Preemption`: notes SIGTERM (preemptible VMs and Colab send it before
   killing) on the instance, while installed.
 - `StateSaver`: counts the global step; writes a training state every N
-  steps, at every epoch end, and on preemption (then stops the run).
-- `StopOnNaN`: stops the run when the loss stops being finite, with a
-  message that names the fixes and the last good state.
+  steps, at every epoch end, and on preemption: then it raises `Preempted`,
+  which ends `fit` at once (no validation spends the grace period, no
+  partial epoch is logged).
+- `StopOnNaN`: raises `FloatingPointError` at the first non-finite loss,
+  with a message that names the fixes and the newest state.
 - `Throughput`: images per second and the learning rate, per epoch, into
   the logs (so `CSVLogger` and TensorBoard record them).
+- `EpochSpan`: the updates each log row covers (a resumed partial epoch
+  starts late).
 - `KeepRawWeights`: with EMA, `fit` ends on the averaged weights; this
   puts the raw ones back when the next `fit` call of the run starts.
-- `BestModel`: `best.keras` whenever validation accuracy improves.
+- `BestModel`: `best.keras` whenever validation accuracy improves (the
+  EMA weights when there are, which is what validation measured); its
+  best score goes into every state, so a resumed run keeps it.
 
-Order matters where one reads what another writes: `StopOnNaN` before
-`StateSaver` (no state is written from a diverged step), `Throughput`
-before `CSVLogger`, `KeepRawWeights` before `keras.callbacks.SwapEMAWeights`.
+Order matters where one reads what another writes: `StopOnNaN` first (no
+state or model is written from a diverged step), `BestModel` and
+`CSVLogger` before `StateSaver` (best.keras and the epoch's log row are
+written before the state that records them: a crash between the two
+repeats the epoch, and `training` drops the rows a resume repeats),
+`Throughput` and `EpochSpan` before `CSVLogger`, `KeepRawWeights` before
+`keras.callbacks.SwapEMAWeights`, which needs a fresh instance for every
+`fit` call: it keeps whether the EMA weights are in the model.
 """
 
-import logging
 import math
 import signal
 import threading
@@ -60,13 +70,17 @@ class Preemption:
         self._event.clear()
 
 
+class Preempted(Exception):
+    """Raised by `StateSaver` once the state of a preempted run is written."""
+
+
 class StateSaver(keras.callbacks.Callback):
     """Tracks the global step and writes `state-<step>.npz` files.
 
     States are written every `every` steps (0: only at epoch ends), at each
-    epoch end, and when `preemption` is requested; then the run stops and
-    `preempted` is set. A step on which another callback stopped the run
-    (`StopOnNaN`) writes nothing.
+    epoch end, and when `preemption` is requested; then `preempted` is set
+    and `Preempted` raised. `header()` (optional) gives more fields for each
+    state's header (the best score so far).
 
     Args:
         directory: where the states go.
@@ -77,13 +91,14 @@ class StateSaver(keras.callbacks.Callback):
             gathering sharded arrays).
     """
 
-    def __init__(self, directory, every, keep, preemption=None, chief=True):
+    def __init__(self, directory, every, keep, preemption=None, chief=True, header=None):
         super().__init__()
         self.directory = directory
         self.every = every
         self.keep = keep
         self.preemption = preemption
         self.chief = chief
+        self.header = header
         self.step = self.last_saved = self._epoch_start = 0
         self.preempted = False
 
@@ -92,7 +107,13 @@ class StateSaver(keras.callbacks.Callback):
         self.step = self.last_saved = self._epoch_start = first_step
 
     def save(self):
-        checkpoint.save_state(self.directory, self.model, self.step, keep=self.keep, write=self.chief)
+        extra = self.header() if self.header else None
+        try:
+            checkpoint.save_state(self.directory, self.model, self.step, keep=self.keep, extra=extra,
+                                  write=self.chief)
+        except FloatingPointError as error:  # Non-finite weights: no state of them.
+            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            raise FloatingPointError(diverged_message(str(error), self.step, lr, self.last_saved)) from None
         self.last_saved = self.step
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -105,8 +126,8 @@ class StateSaver(keras.callbacks.Callback):
         if self.preemption is not None and self.preemption.requested:
             self.save()
             self.preempted = True
-            self.model.stop_training = True
-        elif self.every and self.step // self.every > self.last_saved // self.every:
+            raise Preempted(f"preempted at step {self.step}")
+        if self.every and self.step // self.every > self.last_saved // self.every:
             self.save()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -115,16 +136,19 @@ class StateSaver(keras.callbacks.Callback):
 
 
 class StopOnNaN(keras.callbacks.Callback):
-    """Stops the run at the first non-finite training loss; `message` says why.
+    """Raises `FloatingPointError` at the first non-finite training loss.
+
+    It runs before anything writes at that step, so neither a state nor
+    best.keras holds the diverged weights. The message names the fixes and
+    the newest state (states are written only of finite weights).
 
     Args:
-        saver: the run's `StateSaver`, for the step and the last good state.
+        saver: the run's `StateSaver`, for the step and the newest state.
     """
 
     def __init__(self, saver):
         super().__init__()
         self.saver = saver
-        self.message = None
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
@@ -132,15 +156,19 @@ class StopOnNaN(keras.callbacks.Callback):
             return
         step = self.saver.step + 1  # The saver, after this callback, counts this step.
         lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        self.message = (
-            f"The training loss became {float(loss)} at step {step} "
-            f"(learning rate {lr:.3g}). Try a lower learning_rate, a longer "
-            "warmup, grad_clip_norm=1.0, or mixed_precision=False. The last "
-            f"good state (step {self.saver.last_saved}) is kept: rerunning the "
-            "same command with changed settings resumes from it."
-        )
-        logging.error(self.message)
-        self.model.stop_training = True
+        raise FloatingPointError(diverged_message(f"The training loss became {float(loss)}", step, lr,
+                                                  self.saver.last_saved))
+
+
+def diverged_message(what, step, learning_rate, newest_state):
+    """What to say when training diverges at `step`."""
+    kept = (f"The states up to step {newest_state} are kept." if newest_state
+            else "No state had been written yet.")
+    return (
+        f"{what} at step {step} (learning rate {learning_rate:.3g}). Try a lower "
+        "learning_rate, a longer warmup, grad_clip_norm=1.0, or mixed_precision=False, "
+        f"in a new --workdir (a work directory resumes only its own config). {kept}"
+    )
 
 
 class Throughput(keras.callbacks.Callback):
@@ -169,6 +197,27 @@ class Throughput(keras.callbacks.Callback):
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
 
+class EpochSpan(keras.callbacks.Callback):
+    """Adds `first_step` and `last_step` (optimizer updates) to each epoch's logs.
+
+    A log row then says which updates it measured: a resumed partial epoch
+    shows where it started. Reads the steps from the run's `StateSaver`.
+    """
+
+    def __init__(self, saver, accum_steps=1):
+        super().__init__()
+        self.saver = saver
+        self.accum_steps = accum_steps
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._first = self.saver.step
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["first_step"] = self._first // self.accum_steps
+            logs["last_step"] = self.saver.step // self.accum_steps
+
+
 class KeepRawWeights(keras.callbacks.Callback):
     """With an EMA optimizer: keeps training on the raw weights across `fit` calls.
 
@@ -194,7 +243,12 @@ class KeepRawWeights(keras.callbacks.Callback):
 
 
 class BestModel(keras.callbacks.Callback):
-    """Saves `best.keras` (atomically) whenever `monitor` improves."""
+    """Saves `best.keras` (atomically) whenever `monitor` improves.
+
+    With an EMA optimizer, validation measured the averaged weights
+    (`SwapEMAWeights`), so those are what best.keras holds. `best` is the
+    score to beat: a resumed run passes the one its state recorded.
+    """
 
     def __init__(self, path, monitor="val_accuracy", best=-np.inf):
         super().__init__()
@@ -204,6 +258,16 @@ class BestModel(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
-        if value is not None and value > self.best:
-            self.best = float(value)
+        if value is None or not math.isfinite(value) or value <= self.best or self.model.stop_training:
+            return
+        self.best = float(value)
+        if not self.model.optimizer.use_ema:
             checkpoint.save_model(self.model, self.path)
+            return
+        raw = [keras.ops.convert_to_numpy(v) for v in self.model.trainable_variables]
+        self.model.optimizer.finalize_variable_values(self.model.trainable_variables)
+        try:
+            checkpoint.save_model(self.model, self.path)
+        finally:
+            for variable, value in zip(self.model.trainable_variables, raw):
+                variable.assign(value)

@@ -60,6 +60,14 @@ def save_state(directory, model, step, keep=2, extra=None, write=True):
     for prefix, variables in (("model", model_variables), ("optimizer", optimizer_variables)):
         for i, variable in enumerate(variables):
             arrays[f"{prefix}/{i:05d}"] = distribute.variable_to_numpy(variable)
+    bad = [v.path for i, v in enumerate(model_variables)
+           if np.issubdtype(arrays[f"model/{i:05d}"].dtype, np.floating)
+           and not np.isfinite(arrays[f"model/{i:05d}"]).all()]
+    if bad:
+        # A state that cannot be trained on is no state: the last good one stays newest.
+        raise FloatingPointError(
+            f"The weights are no longer finite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+        )
     header = {
         "step": int(step),
         "model": [v.path for v in model_variables],
@@ -118,9 +126,14 @@ def restore_latest(directory, model):
         try:
             header, arrays = _read(path)
         except (ValueError, KeyError) as error:
+            # Renamed aside, so that it neither counts among the states kept
+            # nor outranks the new ones (with keep=1 it would delete each).
+            aside = path.with_name(path.name + ".damaged")
+            path.replace(aside)
             logging.warning(
                 "Checkpoint %s is damaged (%s: %s), probably cut off by a crash "
-                "mid-write; trying the previous one.", path, type(error).__name__, error,
+                "mid-write; moved it to %s and trying the previous one.",
+                path, type(error).__name__, error, aside.name,
             )
             continue
         _check_matches(header, arrays, model_variables, optimizer_variables, path)
@@ -137,6 +150,23 @@ def save_model(model, path):
     crash mid-write leaves the previous file intact."""
     path = pathlib.Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    model.save(tmp)
+    try:
+        model.save(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
+    return path
+
+
+def save_json(path, value):
+    """Writes `value` as JSON to `path` atomically (a temporary file, then a rename)."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(value, indent=2))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
     return path

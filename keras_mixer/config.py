@@ -43,6 +43,7 @@ class Key:
     choices: tuple = ()
     auto: bool = False  # also takes "auto"
     positive: bool = False  # an int > 0
+    bounds: str = ""  # a number's range: ">= 0", "> 0", "[0, 1)" or "[0, 1]"
 
     def check(self, value, label=None):
         label = label or self.name
@@ -58,88 +59,31 @@ class Key:
             raise ValueError(f"Config key `{label}` must be one of {', '.join(self.choices)}, got {value!r}.")
         if self.positive and value is not None and value <= 0:
             raise ValueError(f"`{label}` must be a positive integer, got {value!r}.")
+        if self.bounds and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not _within(value, self.bounds):
+                raise ValueError(f"`{label}` must be {_bounds_text(self.bounds)}, got {value!r}.")
+
+
+def _within(value, bounds):
+    if bounds.startswith(">="):
+        return value >= float(bounds[2:])
+    if bounds.startswith(">"):
+        return value > float(bounds[1:])
+    low, high = (float(v) for v in bounds[1:-1].split(","))
+    return low <= value and (value <= high if bounds.endswith("]") else value < high)
+
+
+def _bounds_text(bounds):
+    if bounds.startswith(">="):
+        return f"at least {bounds[2:].strip()}"
+    if bounds.startswith(">"):
+        return f"greater than {bounds[1:].strip()}"
+    return f"in {bounds}"
 
 
 _INT = (int,)
 _FLOAT = (float, int)
 _PAIR = (int, list, tuple)
-RECIPE_NAMES = ("pretrain", "finetune")
-
-SCHEMA = (
-    # Data.
-    Key("dataset", "digits", (str,), '"digits" (embedded), a tfds name, or "image_folder"'),
-    Key("data_dir", None, (str, NONE), "tfds data_dir, or the image folder's root"),
-    Key("download", False, (bool,), "let tfds download missing data"),
-    Key("train_split", "train", (str,), "the training split"),
-    Key("eval_split", "test", (str, NONE), "the evaluation split; None: no evaluation"),
-    Key("image_size", 224, _PAIR, "int or [height, width]; the digits are always 8x8"),
-    Key("channels", 3, _INT, "image channels", positive=True),
-    Key("crop_area", [0.05, 1.0], (list, tuple), "the Inception crop's area range"),
-    Key("flip", True, (bool,), "random horizontal flips"),
-    Key("eval_crop", "resize-crop", (str,), "how evaluation images are cropped", choices=EVAL_CROPS),
-    Key("shift_pixels", 1, _INT, "digits: the largest random shift"),
-    Key("shuffle_buffer", 50_000, _INT, "examples in the shuffle buffer"),
-    # Augmentation (keras_mixer.augment).
-    Key("randaugment_layers", 2, _INT, "RandAugment ops per image", positive=True),
-    Key("randaugment_magnitude", 0.0, _FLOAT, "the paper's RandAugment m; 0 is off"),
-    Key("mixup", 0.0, _FLOAT, "MixUp's Beta(p, p); 0 is off"),
-    Key("cutmix", 0.0, _FLOAT, "CutMix's Beta(p, p); 0 is off"),
-    Key("augment_impl", "keras_cv", (str,), "augmentation implementation", choices=AUGMENT_IMPLEMENTATIONS),
-    # Model.
-    Key("variant", None, (str, NONE), 'a paper variant, e.g. "B/16"; None: `model` gives every argument'),
-    Key("model", {}, (dict,), "MLPMixer arguments, over the variant's (model.<key>, see below)"),
-    Key("init_checkpoint", None, (str, NONE), "an official .npz path or released name to start from"),
-    Key("reset_head", False, (bool,), "with init_checkpoint: start from a zero head"),
-    # Recipe.
-    Key("recipe", None, (str, NONE), "the paper's recipe, under the config's own values", choices=RECIPE_NAMES),
-    Key("optimizer", "adamw", (str,), "the optimizer", choices=("adamw", "sgd")),
-    Key("learning_rate", 1e-3, _FLOAT, "the peak learning rate"),
-    Key("schedule", "cosine", (str,), "warmup, then cosine or linear decay to 0", choices=("cosine", "linear")),
-    Key("warmup_steps", None, (int, NONE), "updates of linear warmup; None: warmup_fraction of the run"),
-    Key("warmup_fraction", 0.0, _FLOAT, "the share of the run spent in warmup"),
-    Key("weight_decay", 0.0, _FLOAT, "Keras' decay on kernels, times the learning rate"),
-    Key("beta_1", 0.9, _FLOAT, "AdamW's beta_1"),
-    Key("beta_2", 0.999, _FLOAT, "AdamW's beta_2"),
-    Key("momentum", 0.9, _FLOAT, "SGD's momentum"),
-    Key("grad_clip_norm", 1.0, (float, int, NONE), "global gradient-norm clipping; None: none"),
-    Key("grad_accum_steps", AUTO, _INT, "micro-batches per update; auto: the fewest that fit the device",
-        auto=True, positive=True),
-    Key("ema_momentum", None, (float, int, NONE), "e.g. 0.9999: evaluate and save the EMA weights"),
-    Key("mixed_precision", AUTO, (bool,), 'True: "mixed_bfloat16"; auto: on TPU and GPU', auto=True),
-    Key("loss", "softmax_xent", (str,), "the loss", choices=("softmax_xent", "sigmoid_xent")),
-    Key("label_smoothing", 0.0, _FLOAT, "softmax_xent's label smoothing"),
-    # Length and bookkeeping.
-    Key("epochs", 1, _INT, "passes over the training split", positive=True),
-    Key("train_steps", None, (int, NONE), "optimizer updates in all; overrides epochs"),
-    Key("steps_per_epoch", None, (int, NONE), "updates per epoch; None: one pass over the training split"),
-    Key("batch_size", 512, _INT, "the global batch, per optimizer update", positive=True),
-    Key("eval_batch_size", None, (int, NONE), "None: min(batch_size, 512)"),
-    Key("steps_per_execution", AUTO, _INT, "steps per compiled call; auto: up to 32 on TPU, else 1",
-        auto=True, positive=True),
-    Key("checkpoint_every", 1000, _INT, "updates between states (also every epoch and on SIGTERM)"),
-    Key("keep_checkpoints", 2, _INT, "states kept", positive=True),
-    Key("seed", 0, _INT, "data order, augmentation and initialisation"),
-)
-KEYS = {key.name: key for key in SCHEMA}
-DEFAULTS = {key.name: key.default for key in SCHEMA}
-
-# `MLPMixer` arguments a config may set under `model`. The image shape and
-# the class count come from the data, the dtype from `mixed_precision`.
-MODEL_KEYS = {key.name: key for key in (
-    Key("patch_size", 16, _PAIR, "patch side, or [height, width]"),
-    Key("num_blocks", 12, _INT, "Mixer blocks", positive=True),
-    Key("hidden_dim", 768, _INT, "channels per token", positive=True),
-    Key("tokens_mlp_dim", 384, _INT, "the token-mixing MLP's width", positive=True),
-    Key("channels_mlp_dim", 3072, _INT, "the channel-mixing MLP's width", positive=True),
-    Key("dropout_rate", 0.0, _FLOAT, "dropout before the head"),
-    Key("stochastic_depth_rate", 0.0, _FLOAT, "drop-path rate of the last block (linear in depth)"),
-    Key("layer_norm_epsilon", 1e-6, _FLOAT, "LayerNorm's epsilon"),
-    Key("gelu_approximate", True, (bool,), "tanh GELU (official); False: exact (timm)"),
-    Key("include_preprocessing", True, (bool,), "the model rescales [0, 255] pixels itself"),
-    Key("seed", None, (int, NONE), "initialisation and dropout; None: the config's seed"),
-    Key("remat", False, (bool,), "recompute blocks in the backward pass to save memory"),
-    Key("name", "mlp_mixer", (str,), "the model's name"),
-)}
 
 # The paper's recipes (Section 3 and Appendix B). Config values win.
 RECIPES = {
@@ -157,7 +101,88 @@ RECIPES = {
         grad_clip_norm=1.0, weight_decay=0.0, reset_head=True, crop_area=[0.05, 1.0],
     ),
 }
-assert tuple(RECIPES) == RECIPE_NAMES
+
+
+SCHEMA = (
+    # Data.
+    Key("dataset", "digits", (str,), '"digits" (embedded), a tfds name, or "image_folder"'),
+    Key("data_dir", None, (str, NONE), "tfds data_dir, or the image folder's root"),
+    Key("download", False, (bool,), "let tfds download missing data"),
+    Key("train_split", "train", (str,), "the training split"),
+    Key("eval_split", "test", (str, NONE), "the evaluation split; None: no evaluation"),
+    Key("image_size", 224, _PAIR, "int or [height, width]; the digits are always 8x8"),
+    Key("channels", 3, _INT, "image channels", positive=True),
+    Key("crop_area", [0.05, 1.0], (list, tuple), "the Inception crop's area range"),
+    Key("flip", True, (bool,), "random horizontal flips"),
+    Key("eval_crop", "resize-crop", (str,), "how evaluation images are cropped", choices=EVAL_CROPS),
+    Key("shift_pixels", 1, _INT, "digits: the largest random shift", bounds=">= 0"),
+    Key("shuffle_buffer", 50_000, _INT, "examples in the shuffle buffer", positive=True),
+    # Augmentation (keras_mixer.augment).
+    Key("randaugment_layers", 2, _INT, "RandAugment ops per image", positive=True),
+    Key("randaugment_magnitude", 0.0, _FLOAT, "the paper's RandAugment m; 0 is off", bounds=">= 0"),
+    Key("mixup", 0.0, _FLOAT, "MixUp's Beta(p, p); 0 is off", bounds=">= 0"),
+    Key("cutmix", 0.0, _FLOAT, "CutMix's Beta(p, p); 0 is off", bounds=">= 0"),
+    Key("augment_impl", "keras_cv", (str,), "augmentation implementation", choices=AUGMENT_IMPLEMENTATIONS),
+    # Model.
+    Key("variant", None, (str, NONE), 'a paper variant, e.g. "B/16"; None: `model` gives every argument'),
+    Key("model", {}, (dict,), "MLPMixer arguments, over the variant's (model.<key>, see below)"),
+    Key("init_checkpoint", None, (str, NONE), "an official .npz path or released name to start from"),
+    Key("reset_head", False, (bool,), "with init_checkpoint: start from a zero head"),
+    # Recipe.
+    Key("recipe", None, (str, NONE), "the paper's recipe, under the config's own values", choices=tuple(RECIPES)),
+    Key("optimizer", "adamw", (str,), "the optimizer", choices=("adamw", "sgd")),
+    Key("learning_rate", 1e-3, _FLOAT, "the peak learning rate", bounds="> 0"),
+    Key("schedule", "cosine", (str,), "warmup, then cosine or linear decay to 0", choices=("cosine", "linear")),
+    Key("warmup_steps", None, (int, NONE), "updates of linear warmup; None: warmup_fraction of the run", bounds=">= 0"),
+    Key("warmup_fraction", 0.0, _FLOAT, "the share of the run spent in warmup", bounds="[0, 1)"),
+    Key("weight_decay", 0.0, _FLOAT, "Keras' decay on kernels, times the learning rate", bounds=">= 0"),
+    Key("beta_1", 0.9, _FLOAT, "AdamW's beta_1", bounds="[0, 1)"),
+    Key("beta_2", 0.999, _FLOAT, "AdamW's beta_2", bounds="[0, 1)"),
+    Key("momentum", 0.9, _FLOAT, "SGD's momentum", bounds="[0, 1)"),
+    Key("grad_clip_norm", 1.0, (float, int, NONE), "global gradient-norm clipping; None: none", bounds="> 0"),
+    Key("grad_accum_steps", AUTO, _INT, "micro-batches per update; auto: the fewest that fit the device",
+        auto=True, positive=True),
+    Key("ema_momentum", None, (float, int, NONE), "e.g. 0.9999: evaluate and save the EMA weights",
+        bounds="[0, 1)"),
+    Key("mixed_precision", AUTO, (bool,), 'True: "mixed_bfloat16"; auto: on TPU and GPU', auto=True),
+    Key("loss", "softmax_xent", (str,), "the loss", choices=("softmax_xent", "sigmoid_xent")),
+    Key("label_smoothing", 0.0, _FLOAT, "softmax_xent's label smoothing", bounds="[0, 1)"),
+    # Length and bookkeeping.
+    Key("epochs", 1, _INT, "passes over the training split", positive=True),
+    Key("train_steps", None, (int, NONE), "optimizer updates in all; overrides epochs", positive=True),
+    Key("steps_per_epoch", None, (int, NONE), "updates per epoch; None: one pass over the training split",
+        positive=True),
+    Key("batch_size", 512, _INT, "the global batch, per optimizer update", positive=True),
+    Key("eval_batch_size", None, (int, NONE), "None: min(batch_size, 512)", positive=True),
+    Key("steps_per_execution", AUTO, _INT, "steps per compiled call; auto: up to 32 on TPU, else 1",
+        auto=True, positive=True),
+    Key("checkpoint_every", 1000, _INT, "updates between states (also every epoch and on SIGTERM); 0: epoch ends only",
+        bounds=">= 0"),
+    Key("keep_checkpoints", 2, _INT, "states kept", positive=True),
+    Key("seed", 0, _INT, "data order, augmentation and initialisation"),
+)
+KEYS = {key.name: key for key in SCHEMA}
+DEFAULTS = {key.name: key.default for key in SCHEMA}
+
+# `MLPMixer` arguments a config may set under `model`. The image shape and
+# the class count come from the data, the dtype from `mixed_precision`.
+MODEL_KEYS = {key.name: key for key in (
+    Key("patch_size", 16, _PAIR, "patch side, or [height, width]"),
+    Key("num_blocks", 12, _INT, "Mixer blocks", positive=True),
+    Key("hidden_dim", 768, _INT, "channels per token", positive=True),
+    Key("tokens_mlp_dim", 384, _INT, "the token-mixing MLP's width", positive=True),
+    Key("channels_mlp_dim", 3072, _INT, "the channel-mixing MLP's width", positive=True),
+    Key("dropout_rate", 0.0, _FLOAT, "dropout before the head", bounds="[0, 1)"),
+    Key("stochastic_depth_rate", 0.0, _FLOAT, "drop-path rate of the last block (linear in depth)",
+        bounds="[0, 1)"),
+    Key("layer_norm_epsilon", 1e-6, _FLOAT, "LayerNorm's epsilon", bounds="> 0"),
+    Key("gelu_approximate", True, (bool,), "tanh GELU (official); False: exact (timm)"),
+    Key("include_preprocessing", True, (bool,), "the model rescales [0, 255] pixels itself"),
+    Key("seed", None, (int, NONE), "initialisation and dropout; None: the config's seed"),
+    Key("remat", False, (bool,), "recompute blocks in the backward pass to save memory"),
+    Key("name", "mlp_mixer", (str,), "the model's name"),
+)}
+
 
 
 def _unknown_keys_error(unknown, model=False):
@@ -196,6 +221,7 @@ def resolve(config):
         KEYS[name].check(value)
     resolved["model"] = dict(resolved["model"])
     check_model_arguments(resolved["model"])
+    _check_pairs(resolved)
     accum = resolved["grad_accum_steps"]
     if accum != AUTO and resolved["batch_size"] % accum:
         raise ValueError(
@@ -204,6 +230,19 @@ def resolve(config):
             "equal micro-batches."
         )
     return resolved
+
+
+def _check_pairs(config):
+    size = config["image_size"]
+    sides = [size] if isinstance(size, int) else list(size)
+    if len(sides) not in (1, 2) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sides):
+        raise ValueError(f"`image_size` must be a positive int or [height, width], got {size!r}.")
+    area = config["crop_area"]
+    if (len(area) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in area)
+            or not 0 < area[0] <= area[1] <= 1):
+        raise ValueError(
+            f"`crop_area` must be [min, max] fractions of the image with 0 < min <= max <= 1, got {area!r}."
+        )
 
 
 def check_resolved(config):

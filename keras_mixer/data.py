@@ -354,6 +354,11 @@ def make_sources(config):
         return sources_lib.make_source(config["dataset"], split, config["data_dir"], config["download"])
 
     train = source(config["train_split"])
+    if train.num_classes < 2:
+        raise ValueError(
+            f"{train.description} has {train.num_classes} class; a classifier needs at least 2 "
+            "(an image folder needs one subfolder per class)."
+        )
     evaluation = source(config["eval_split"]) if config["eval_split"] else None
     return Sources(train, evaluation, train.num_classes, train.num_examples)
 

@@ -1,6 +1,12 @@
 """Devices: which accelerators a run uses, and how the model and batches are split.
 
-The only module with per-backend device branches. `setup` returns a
+The only module with per-backend branches for devices, and the only one
+that reaches into private Keras or tf.distribute attributes (each such
+reach has a test in tests/test_distribute.py). It also answers what the
+trainer asks of the backend: XLA or not (`jit_compile_setting`), a
+variable's full value on any placement (`variable_to_numpy`), and how much
+memory a device has (`device_memory`, which `keras_mixer.plan` plans
+batches for). `setup` returns a
 `Placement`; the training code builds the model and optimizer inside
 `placement.scope()`, feeds each host the batch `placement.host_batch_size`
 of its `placement.shard` of the data, and writes `placement.to_dict()`

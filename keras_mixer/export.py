@@ -398,4 +398,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from keras_mixer import cli
+
+    sys.exit(cli.run(main))

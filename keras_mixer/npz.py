@@ -9,6 +9,7 @@ file intact.
 
 import os
 import pathlib
+import tempfile
 import zipfile
 
 import numpy as np
@@ -33,21 +34,42 @@ def read(path):
             # Reading every array makes zipfile check every CRC.
             return {key: data[key] for key in data.files}
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as error:
+        reason = f"{type(error).__name__}: {error}"
+        if "allow_pickle" in str(error):  # numpy's text suggests loading it unsafely
+            reason = "it holds Python objects (pickles), which are never loaded"
         raise ValueError(
-            f"{str(path)!r} is not a readable .npz checkpoint ({type(error).__name__}: "
-            f"{error}). It may be truncated or corrupted: delete it and download "
-            "it again, or check that it is an official MLP-Mixer .npz file."
+            f"{str(path)!r} is not a readable .npz file ({reason}). It may be truncated "
+            "or corrupted, or not an array file at all."
         ) from None
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write(path, arrays):
     """Writes `arrays` to an `.npz` at `path` atomically; returns the path."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # A unique temporary name: two writers of one path never share a file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise OSError(
+            error.errno, f"Could not write {path} ({error.strerror or error}); nothing was "
+            "left behind and any previous file is intact. Free disk space or choose "
+            "another directory."
+        ) from None
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
     return path

@@ -51,6 +51,9 @@ def _input_shape(kind, path):
 
 def _kind(path):
     path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No model at {path}: give a .keras file, a SavedModel directory, "
+                                "a .tflite file or a .onnx file.")
     if path.is_dir() and (path / "saved_model.pb").exists():
         return "saved_model"
     kinds = {".keras": "keras", ".tflite": "tflite", ".onnx": "onnx"}
@@ -115,4 +118,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from keras_mixer import cli
+
+    sys.exit(cli.run(main))

@@ -7,6 +7,7 @@ schedule, loss, metrics) `keras_mixer.optim`, the callbacks
 devices and batch plan `keras_mixer.distribute`.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -146,7 +147,13 @@ def _segments(start, total, steps_per_epoch):
 def _check_workdir_config(path, config):
     if not path.exists():
         return
-    previous = json.loads(path.read_text())
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{path} is damaged ({error}), so the run in {path.parent} cannot be checked "
+            "before resuming. Use a new --workdir, or restore that file."
+        ) from None
     changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
     if changed:
         raise ValueError(
@@ -167,6 +174,19 @@ def _warn_if_bfloat16_is_slow(placement):
             "on PyTorch (docs/benchmarks.md). Set mixed_precision=False unless this runs on a "
             "TPU, a GPU or such a CPU."
         )
+
+
+def _drop_repeated_rows(path, first_epoch):
+    """Drops the log rows of epochs from `first_epoch` on: the run is about to
+    repeat them (it resumes from a state written before they were logged)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) < first_epoch]
+    if len(keep) < len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
 
 
 def _saved_plan(path, config):
@@ -217,11 +237,38 @@ def train(config, workdir, verbose="auto", distribution="auto", model_parallel_s
         placement = distribute.setup(distribution, model_parallel_size)
     print(f"Distribution: {placement.description}.")
     workdir = pathlib.Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise NotADirectoryError(f"--workdir {workdir} is a file, not a directory: choose another path.")
     workdir.mkdir(parents=True, exist_ok=True)
     _check_workdir_config(workdir / "config.json", config)
-    if placement.is_chief:
-        (workdir / "config.json").write_text(json.dumps(config, indent=2))
-        (workdir / "distribution.json").write_text(json.dumps(placement.to_dict(), indent=2))
+    with _exclusive(workdir, placement.is_chief):
+        return _train_locked(config, workdir, verbose, placement)
+
+
+@contextlib.contextmanager
+def _exclusive(workdir, chief):
+    """Holds `workdir/.lock` for the run: a second run on the same work
+    directory would interleave its states and logs with this one's."""
+    if not chief:
+        yield
+        return
+    import fcntl
+
+    with open(workdir / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"Another run is using {workdir} (it holds {workdir / '.lock'}). Wait for it to "
+                "finish, or use another --workdir."
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _train_locked(config, workdir, verbose, placement):
     keras.utils.set_random_seed(config["seed"])
     memory = distribute.device_memory(placement)
     # A resumed run keeps the plan it started with, so that its steps,
@@ -235,6 +282,12 @@ def train(config, workdir, verbose="auto", distribution="auto", model_parallel_s
     try:
         with placement.scope():
             run = _prepare(config, workdir, placement, memory, saved_plan)
+            if placement.is_chief:
+                # Only once the data, model and state are ready: a run that
+                # fails to start leaves no config behind to refuse its fix.
+                checkpoint.save_json(workdir / "config.json", config)
+                checkpoint.save_json(workdir / "distribution.json", placement.to_dict())
+                checkpoint.save_json(workdir / "plan.json", run.plan.to_dict())
             history = _fit(run, verbose)
             return _results(run, history)
     finally:
@@ -254,8 +307,8 @@ class _Run:
     start: int  # micro-steps already done
     total: int  # micro-steps in all
     steps_per_epoch: int  # micro-steps
+    best: float  # the validation accuracy best.keras holds (from the state resumed)
     saver: callbacks_lib.StateSaver = None
-    stop_on_nan: callbacks_lib.StopOnNaN = None
     seconds: float = 0.0
 
 
@@ -269,8 +322,6 @@ def _prepare(config, workdir, placement, memory, saved_plan):
     plan = plan_run(config if saved_plan is None else {**config, **saved_plan}, model,
                     placement, sources.num_examples, memory)
     print(f"Batch plan: {plan.describe()}.")
-    if placement.is_chief:
-        (workdir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
     accum = plan.grad_accum_steps
     placement.check_batch_size(
         plan.step_batch, "batch_size" if accum == 1 else "batch_size / grad_accum_steps"
@@ -287,31 +338,45 @@ def _prepare(config, workdir, placement, memory, saved_plan):
     total = total_updates * accum
     if state:
         print(f"Resuming from {state['path']} at step {start} of {total}.")
-    return _Run(config, workdir, placement, model, plan, datasets, start, total, steps_per_epoch)
+    if placement.is_chief:
+        _drop_repeated_rows(workdir / "log.csv", start // steps_per_epoch)
+    best = state.get("best_val_accuracy", -np.inf) if state else -np.inf
+    return _Run(config, workdir, placement, model, plan, datasets, start, total, steps_per_epoch, best)
 
 
 def _callbacks(run, preemption):
-    """The callbacks of a run, in the order they must run (see `keras_mixer.callbacks`)."""
+    """The callbacks of a run, in the order they must run (see `keras_mixer.callbacks`).
+
+    Returns `make(segment)`: the list for one `fit` call. Keras'
+    SwapEMAWeights keeps whether the EMA weights are in the model, so each
+    call gets a fresh one; the others carry the run's state across calls.
+    """
     config, chief = run.config, run.placement.is_chief
+    best = None
+    if run.datasets.eval is not None and chief:
+        best = callbacks_lib.BestModel(run.workdir / "best.keras", best=run.best)
     run.saver = callbacks_lib.StateSaver(
         run.workdir / "checkpoints", config["checkpoint_every"] * run.plan.grad_accum_steps,
         config["keep_checkpoints"], preemption, chief=chief,
+        header=(lambda: {"best_val_accuracy": best.best}) if best else None,
     )
-    run.stop_on_nan = callbacks_lib.StopOnNaN(run.saver)
-    callbacks = [run.stop_on_nan, run.saver, callbacks_lib.Throughput(run.plan.step_batch)]
-    ema = config["ema_momentum"] is not None
-    if ema:
-        callbacks.append(callbacks_lib.KeepRawWeights())
-    if run.datasets.eval is not None and chief:
-        callbacks.append(callbacks_lib.BestModel(run.workdir / "best.keras"))
-    if ema:  # After the states and best.keras: they hold the raw weights.
-        callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+    run.saver.begin_segment(run.start)
+    first = [callbacks_lib.StopOnNaN(run.saver)] + ([best] if best else [])
+    first += [callbacks_lib.Throughput(run.plan.step_batch),
+              callbacks_lib.EpochSpan(run.saver, run.plan.grad_accum_steps)]
     if chief:  # One host writes the logs and files.
-        callbacks += [
-            keras.callbacks.CSVLogger(str(run.workdir / "log.csv"), append=True),
-            keras.callbacks.TensorBoard(str(run.workdir / "tensorboard"), write_graph=False),
-        ]
-    return callbacks
+        first.append(keras.callbacks.CSVLogger(str(run.workdir / "log.csv"), append=True))
+    first.append(run.saver)
+    ema = [callbacks_lib.KeepRawWeights()] if config["ema_momentum"] is not None else []
+    last = []
+    if chief:
+        last = [keras.callbacks.TensorBoard(str(run.workdir / "tensorboard"), write_graph=False)]
+
+    def make():
+        swap = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if ema else []
+        return first + ema + swap + last
+
+    return make
 
 
 def _fit(run, verbose):
@@ -319,21 +384,20 @@ def _fit(run, verbose):
     history = {}
     begin = time.perf_counter()
     with callbacks_lib.Preemption() as preemption:
-        callbacks = _callbacks(run, preemption)
-        for epoch, num_epochs, steps, first_step in _segments(run.start, run.total, run.steps_per_epoch):
-            run.saver.begin_segment(first_step)
-            result = run.model.fit(
-                run.datasets.train_fn(first_step), initial_epoch=epoch, epochs=epoch + num_epochs,
-                steps_per_epoch=steps, validation_data=run.datasets.eval, callbacks=callbacks,
-                shuffle=False, verbose=verbose,
-            )
-            for key, values in result.history.items():
-                history.setdefault(key, []).extend(values)
-            if run.stop_on_nan.message or run.saver.preempted:
-                break
+        make_callbacks = _callbacks(run, preemption)
+        try:
+            for epoch, num_epochs, steps, first_step in _segments(run.start, run.total, run.steps_per_epoch):
+                run.saver.begin_segment(first_step)
+                result = run.model.fit(
+                    run.datasets.train_fn(first_step), initial_epoch=epoch, epochs=epoch + num_epochs,
+                    steps_per_epoch=steps, validation_data=run.datasets.eval,
+                    callbacks=make_callbacks(), shuffle=False, verbose=verbose,
+                )
+                for key, values in result.history.items():
+                    history.setdefault(key, []).extend(values)
+        except callbacks_lib.Preempted:
+            pass  # The state is written; `results` says so.
     run.seconds = time.perf_counter() - begin
-    if run.stop_on_nan.message:
-        raise FloatingPointError(run.stop_on_nan.message)
     return history
 
 
@@ -341,7 +405,7 @@ def _results(run, history):
     """The results dict; writes `model.keras` and `results.json` unless preempted."""
     accum = run.plan.grad_accum_steps
     results = {
-        "steps": run.saver.step // accum if history else run.start // accum,
+        "steps": run.saver.step // accum,
         "resumed_from": run.start // accum,
         "preempted": run.saver.preempted,
         "seconds": round(run.seconds, 1),
@@ -366,5 +430,5 @@ def _results(run, history):
     results["batch_plan"] = run.plan.describe()
     if run.placement.is_chief:
         checkpoint.save_model(run.model, run.workdir / "model.keras")
-        (run.workdir / "results.json").write_text(json.dumps(results, indent=2))
+        checkpoint.save_json(run.workdir / "results.json", results)
     return results

@@ -42,7 +42,10 @@ if ! is_313 "$venv/bin/python"; then
 fi
 pip=("$venv/bin/python" -m pip install -q -c tests/colab-constraints.txt)
 "${pip[@]}" --upgrade pip || exit 1
-"${pip[@]}" "$wheel[train,jax,test,viz,litert]" || exit 1
+# The extras a Colab user has: tf.data and the rest of `train` (Colab's TPU
+# runtime has no TensorFlow), JAX (preinstalled there), safetensors (`timm`,
+# preinstalled there too), and what the tests and notebooks use.
+"${pip[@]}" "$wheel[train,jax,test,viz,litert,timm]" || exit 1
 "${pip[@]}" --force-reinstall --no-deps "$wheel" || exit 1
 "$venv/bin/python" -c 'import keras, jax, numpy, tensorflow, sys; print(f"colab lane: Python {sys.version.split()[0]}, keras {keras.__version__}, jax {jax.__version__}, numpy {numpy.__version__}, tensorflow {tensorflow.__version__}")' 2>/dev/null
 echo "colab lane: set up in $(( $(date +%s) - start )) s"

@@ -53,23 +53,45 @@ def test_state_saver_stops_on_preemption_with_a_state(tmp_path):
     saver = callbacks.StateSaver(tmp_path, every=0, keep=2, preemption=preemption)
     saver.begin_segment(10)
     x, y = data()
-    model.fit(x, y, batch_size=2, epochs=1, callbacks=[saver], verbose=0)
-    assert saver.preempted and saver.step == 11
+    logged = []
+
+    class Epochs(keras.callbacks.Callback):
+        def on_test_begin(self, logs=None):
+            logged.append("validation")
+
+        def on_epoch_end(self, epoch, logs=None):
+            logged.append("epoch end")
+
+    # fit ends at the first step: no validation spends the grace period and
+    # no partial epoch reaches the logs.
+    with pytest.raises(callbacks.Preempted):
+        model.fit(x, y, batch_size=2, epochs=1, validation_data=(x, y), callbacks=[saver, Epochs()],
+                  verbose=0)
+    assert saver.preempted and saver.step == 11 and logged == []
     assert [p.name for p in checkpoint.list_states(tmp_path)] == ["state-000000011.npz"]
 
 
-def test_stop_on_nan_stops_and_writes_no_state_of_that_step(tmp_path):
+def test_stop_on_nan_raises_and_writes_nothing_diverged(tmp_path):
     model = tiny_model(keras.optimizers.SGD(learning_rate=1e30))
-    saver = callbacks.StateSaver(tmp_path, every=1, keep=10)
-    stop = callbacks.StopOnNaN(saver)
+    saver = callbacks.StateSaver(tmp_path, every=1, keep=100)
+    best = callbacks.BestModel(tmp_path / "best.keras")
     x, y = data(value=1e30)
-    model.fit(x, y, batch_size=2, epochs=3, callbacks=[stop, saver], verbose=0)
-    assert stop.message is not None and "Try a lower learning_rate" in stop.message
-    # Every step before the bad one wrote its state (every=1); that one and
-    # the epoch end did not.
-    written = [int(p.stem.split("-")[1]) for p in checkpoint.list_states(tmp_path)]
-    step = int(stop.message.split(" at step ")[1].split()[0])
-    assert sorted(written) == list(range(1, step)) and saver.step == step
+    with pytest.raises(FloatingPointError, match="Try a lower learning_rate") as error:
+        model.fit(x, y, batch_size=2, epochs=3, validation_data=(x, y),
+                  callbacks=[callbacks.StopOnNaN(saver), best, saver], verbose=0)
+    # Up to the bad step, every step whose weights were finite wrote its
+    # state (every=1); no state holds non-finite weights, and best.keras
+    # was never written from a diverged model.
+    message = str(error.value)
+    step = int(message.split(" at step ")[1].split()[0])
+    written = sorted(int(p.stem.split("-")[1]) for p in checkpoint.list_states(tmp_path))
+    assert written == list(range(1, len(written) + 1)) and len(written) < step
+    newest = f"The states up to step {written[-1]} are kept." if written else "No state had been written yet."
+    assert newest in message and "in a new --workdir" in message
+    for path in checkpoint.list_states(tmp_path):
+        arrays = np.load(path)
+        assert all(np.isfinite(arrays[k]).all() for k in arrays.files if k.startswith("model/"))
+    assert not (tmp_path / "best.keras").exists() or best.best > -np.inf
 
 
 def test_throughput_logs_images_per_second_and_the_learning_rate():
@@ -98,6 +120,27 @@ def test_keep_raw_weights_restores_them_when_the_next_fit_starts():
     model.fit(x, y, batch_size=4, epochs=1, callbacks=[keeper, Probe()], verbose=0)
     for got, want in zip(restored, raw):
         np.testing.assert_array_equal(got, want)
+
+
+def test_best_model_starts_from_the_recorded_score_and_saves_the_ema_weights(tmp_path):
+    model = tiny_model(keras.optimizers.SGD(learning_rate=0.1, use_ema=True, ema_momentum=0.5))
+    x, y = data()
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    for variable in model.trainable_variables:  # raw weights that differ from their averages
+        variable.assign(variable + 1.0)
+    best = callbacks.BestModel(tmp_path / "best.keras", best=0.6)  # as a resumed run's state says
+    best.set_model(model)
+    best.on_epoch_end(0, {"val_accuracy": 0.5})
+    assert not (tmp_path / "best.keras").exists()
+    raw = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+    averages = [keras.ops.convert_to_numpy(v) for v in model.optimizer._model_variables_moving_average]
+    assert any(not np.allclose(r, a) for r, a in zip(raw, averages))
+    best.on_epoch_end(1, {"val_accuracy": 0.7})
+    saved = keras.saving.load_model(tmp_path / "best.keras")
+    for got, want in zip(saved.trainable_variables, averages):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(got), want)
+    for got, want in zip(model.trainable_variables, raw):  # training goes on from the raw ones
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(got), want)
 
 
 def test_best_model_saves_only_on_improvement(tmp_path):

@@ -43,3 +43,44 @@ def test_states_keep_the_newest_and_refuse_another_model(tmp_path):
     other.compile(optimizer="adam", loss="categorical_crossentropy")
     with pytest.raises(ValueError, match="has shape .* a different config. Use a new work directory"):
         checkpoint.restore_latest(tmp_path, other)
+
+
+def test_a_damaged_state_is_moved_aside_and_takes_no_retention_slot(tmp_path):
+    model = tiny_model()
+    for step in (5, 10):
+        checkpoint.save_state(tmp_path, model, step, keep=2)
+    newest = checkpoint.state_path(tmp_path, 10)
+    newest.write_bytes(newest.read_bytes()[:100])
+    restored = tiny_model()
+    assert checkpoint.restore_latest(tmp_path, restored)["step"] == 5
+    assert (tmp_path / "state-000000010.npz.damaged").exists()
+    # keep=1: the state written after the resume is the one kept.
+    checkpoint.save_state(tmp_path, restored, 6, keep=1)
+    assert [p.name for p in checkpoint.list_states(tmp_path)] == ["state-000000006.npz"]
+
+
+def test_no_state_of_non_finite_weights_is_written(tmp_path):
+    model = tiny_model()
+    kernel = model.get_layer("stem").kernel
+    kernel.assign(np.full(kernel.shape, np.inf, "float32"))
+    with pytest.raises(FloatingPointError, match=r"The weights are no longer finite \(stem/kernel\)"):
+        checkpoint.save_state(tmp_path, model, 3)
+    assert not list(tmp_path.iterdir())
+
+
+def test_json_and_model_files_are_written_atomically(tmp_path, monkeypatch):
+    checkpoint.save_json(tmp_path / "results.json", {"a": 1})
+    model = tiny_model()
+    checkpoint.save_model(model, tmp_path / "model.keras")
+    before = (tmp_path / "model.keras").read_bytes()
+
+    def crash(self, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(type(model), "save", crash)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save_model(model, tmp_path / "model.keras")
+    assert (tmp_path / "model.keras").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras", "results.json"]

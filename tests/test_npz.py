@@ -42,5 +42,5 @@ def test_bad_files_are_clear_errors(tmp_path):
     pickled = tmp_path / "pickled.npz"
     np.savez(pickled, obj=np.array([{"a": 1}], dtype=object))
     for bad in (cut, single, pickled):
-        with pytest.raises(ValueError, match="is not a readable .npz checkpoint .*truncated or corrupted"):
+        with pytest.raises(ValueError, match="is not a readable .npz file .*truncated or corrupted"):
             npz.read(bad)

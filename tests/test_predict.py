@@ -34,6 +34,14 @@ def test_predict_prints_the_class_of_a_png(trained, exported, tmp_path):
     assert done.stdout.strip().startswith(f"{png}: digit {y_test[index]} ")
 
 
-def test_an_unknown_model_file_is_a_clear_error(tmp_path):
+def test_an_unknown_or_missing_model_file_is_a_clear_error(tmp_path):
+    (tmp_path / "m.pt").write_bytes(b"weights")
     with pytest.raises(ValueError, match="is not a model keras_mixer.predict reads: expected a .keras file"):
         predict.predict(tmp_path / "m.pt", [tmp_path / "x.png"])
+    with pytest.raises(FileNotFoundError, match="No model at .*missing.keras"):
+        predict.predict(tmp_path / "missing.keras", [tmp_path / "x.png"])
+    done = subprocess.run([sys.executable, "-m", "keras_mixer.predict", "--model", str(tmp_path / "missing.keras"),
+                           str(tmp_path / "x.png")], env=subprocess_env(keras.backend.backend()),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-2].startswith("error: No model at ")

@@ -238,7 +238,142 @@ def test_train_py_without_its_extra_names_the_one_to_install():
     result = subprocess.run([sys.executable, *PYTHON_FLAGS, "-c", code], cwd=ROOT,
                             env=subprocess_env(keras.backend.backend()), capture_output=True,
                             text=True, timeout=120)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == (
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-2:] == [
         "error: train.py needs sklearn, tensorboard, which this environment lacks: "
-        'pip install "keras-mixer[train]" (or pip install -e ".[train]" in a checkout).')
+        'pip install "keras-mixer[train]" (or pip install -e ".[train]" in a checkout).',
+        "(run with --debug or KERAS_MIXER_DEBUG=1 for the traceback)"]
+
+
+# --- Faults: a run killed at a named moment, then resumed ------------------------
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL inside the test process: nothing after it runs."""
+
+
+def kill_after_state(monkeypatch, step):
+    """The next `train` dies right after the state of `step` is written."""
+    real = checkpoint.save_state
+
+    def save_state(directory, model, at, **kwargs):
+        path = real(directory, model, at, **kwargs)
+        if at == step:
+            raise Killed(f"killed after the state of step {at}")
+        return path
+
+    monkeypatch.setattr(checkpoint, "save_state", save_state)
+    return lambda: monkeypatch.setattr(checkpoint, "save_state", real)
+
+
+def final_arrays(workdir):
+    import keras_mixer  # noqa: F401  (registers MLPMixer for loading)
+
+    states = checkpoint.list_states(workdir / "checkpoints")
+    arrays = dict(np.load(states[0]))
+    header = json.loads(str(arrays.pop("header")))
+    model = keras.saving.load_model(workdir / "model.keras").get_weights()
+    return header, arrays, model
+
+
+def test_a_kill_mid_epoch_then_resume_is_bit_identical_with_ema(tmp_path, monkeypatch):
+    # 3 epochs of 11 steps; states every 4 steps. The kill comes right after
+    # the mid-epoch state of step 16 (epoch 2, step 5 of 11). Without EMA the
+    # same is shown with real signals by test_sigterm_and_sigkill_then_resume_...
+    config = tiny_config(epochs=3, checkpoint_every=4, ema_momentum=0.9)
+    reference = training.train(config, tmp_path / "reference", verbose=0)
+    restore = kill_after_state(monkeypatch, 16)
+    with pytest.raises(Killed):
+        training.train(config, tmp_path / "run", verbose=0)
+    restore()
+    resumed = training.train(config, tmp_path / "run", verbose=0)
+    assert resumed["resumed_from"] == 16 and resumed["steps"] == reference["steps"] == 33
+    header_a, state_a, model_a = final_arrays(tmp_path / "reference")
+    header_b, state_b, model_b = final_arrays(tmp_path / "run")
+    # (Variable paths carry per-process name counters: adam_w, adam_w_1, ...)
+    assert {k: v for k, v in header_a.items() if k not in ("model", "optimizer")} == {
+        k: v for k, v in header_b.items() if k not in ("model", "optimizer")}
+    assert set(state_a) == set(state_b)
+    for key in state_a:  # weights, optimizer moments, EMA averages, step counters
+        np.testing.assert_array_equal(state_a[key], state_b[key], err_msg=key)
+    for a, b in zip(model_a, model_b):
+        np.testing.assert_array_equal(a, b)
+    assert resumed["test_accuracy"] == reference["test_accuracy"]
+
+
+def test_best_model_survives_a_resume_and_holds_what_was_measured(tmp_path, monkeypatch):
+    config = tiny_config(epochs=3, checkpoint_every=0, ema_momentum=0.9)
+    restore = kill_after_state(monkeypatch, 22)  # the state at the end of epoch 2
+    with pytest.raises(Killed):
+        training.train(config, tmp_path, verbose=0)
+    restore()
+    training.train(config, tmp_path, verbose=0)
+    with open(tmp_path / "log.csv") as f:
+        scores = [float(row["val_accuracy"]) for row in csv.DictReader(f)]
+    header, _, _ = final_arrays(tmp_path)
+    assert header["best_val_accuracy"] == pytest.approx(max(scores))
+    # best.keras is the model that scored best: its own accuracy on the
+    # evaluation set is that score (with EMA, of the averaged weights).
+    best = keras.saving.load_model(tmp_path / "best.keras")
+    _, (x_test, y_test) = sources.load_digits()
+    accuracy = (to_numpy(best.predict(x_test, verbose=0)).argmax(1) == y_test).mean()
+    assert accuracy == pytest.approx(max(scores), abs=1e-6)
+
+
+def test_a_failed_start_leaves_the_work_directory_usable(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        training.train(tiny_config(dataset="image_folder", data_dir=str(tmp_path / "nowhere")),
+                       tmp_path / "run", verbose=0)
+    assert not (tmp_path / "run" / "config.json").exists()
+    results = training.train(tiny_config(epochs=1), tmp_path / "run", verbose=0)  # the fixed command
+    assert results["steps"] == 11 and json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 1
+
+
+def test_log_rows_are_neither_lost_nor_repeated_across_a_kill(tmp_path, monkeypatch):
+    # The kill comes after epoch 1's row is logged and its end-of-epoch state
+    # (step 22) is written; the resume from step 22 repeats nothing. A second
+    # kill right after the mid-epoch state of step 28 leaves epoch 2 to be
+    # resumed part-way: its row says where it started.
+    config = tiny_config(epochs=3, checkpoint_every=4)
+    for step in (22, 28):
+        restore = kill_after_state(monkeypatch, step)
+        with pytest.raises(Killed):
+            training.train(config, tmp_path, verbose=0)
+        restore()
+    training.train(config, tmp_path, verbose=0)
+    with open(tmp_path / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert [(int(r["first_step"]), int(r["last_step"])) for r in rows] == [(0, 11), (11, 22), (28, 33)]
+
+
+def test_a_second_run_on_a_busy_work_directory_is_refused(tmp_path):
+    import fcntl
+
+    (tmp_path / "run").mkdir()
+    with open(tmp_path / "run" / ".lock", "a+") as held:  # as another process running there holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RuntimeError, match=r"Another run is using .*run.*Wait for it to finish"):
+            training.train(tiny_config(epochs=1), tmp_path / "run", verbose=0)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+        training.train(tiny_config(epochs=1), tmp_path / "file", verbose=0)
+    (tmp_path / "run" / "config.json").write_text("{broken")
+    with pytest.raises(ValueError, match=r"config.json is damaged .*Use a new --workdir"):
+        training.train(tiny_config(epochs=1), tmp_path / "run", verbose=0)
+
+
+def test_train_py_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
+    (tmp_path / "busy").write_text("a file")
+    for args, message in (
+        (["--set", "learning_rate=-1"], "error: `learning_rate` must be greater than 0, got -1."),
+        (["--set", "model.droput_rate=0.5"], "error: Unknown model key(s) ['model.droput_rate']."),
+        (["--workdir", str(tmp_path / "busy")], f"error: --workdir {tmp_path / 'busy'} is a file"),
+        (["--eval_only", "--checkpoint", str(tmp_path / "nope.keras")], "nope.keras' does not exist"),
+    ):
+        result = run_train_py(args, timeout=300)
+        assert result.returncode == 1, (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, args
+        assert message in result.stderr.strip().splitlines()[-2], (args, result.stderr[-1000:])
+    debug = run_train_py(["--set", "learning_rate=-1", "--debug"], timeout=300)
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr

@@ -249,7 +249,7 @@ def test_bad_files_give_clear_errors(official_npz, tmp_path):
     path, params, _, _ = official_npz
     truncated = tmp_path / "truncated.npz"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(ValueError, match="not a readable .npz checkpoint.*truncated or corrupted"):
+    with pytest.raises(ValueError, match="not a readable .npz file.*truncated or corrupted"):
         MLPMixer.from_checkpoint(truncated)
     text = tmp_path / "text.npz"
     text.write_text("hello")
