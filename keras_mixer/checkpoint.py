@@ -11,6 +11,7 @@ reported and skipped, and the next older one is used. `save_model` writes
 a `.keras` file the same way (best.keras, model.keras).
 """
 
+import contextlib
 import json
 import logging
 import pathlib
@@ -145,28 +146,30 @@ def restore_latest(directory, model):
     return None
 
 
-def save_model(model, path):
-    """`model.save(path)` through a temporary file beside it and a rename: a
-    crash mid-write leaves the previous file intact."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary path beside `path` to write; renames it onto `path`
+    when the block ends, and removes it if the block fails, so a crash
+    mid-write leaves the previous file intact."""
     path = pathlib.Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
-        model.save(tmp)
+        yield tmp
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     tmp.replace(path)
-    return path
+
+
+def save_model(model, path):
+    """`model.save(path)`, atomically."""
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+    return pathlib.Path(path)
 
 
 def save_json(path, value):
-    """Writes `value` as JSON to `path` atomically (a temporary file, then a rename)."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    """Writes `value` as JSON to `path`, atomically."""
+    with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(value, indent=2))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)
-    return path
+    return pathlib.Path(path)

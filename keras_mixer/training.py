@@ -184,9 +184,8 @@ def _drop_repeated_rows(path, first_epoch):
     lines = path.read_text().splitlines(keepends=True)
     keep = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) < first_epoch]
     if len(keep) < len(lines):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(keep))
-        tmp.replace(path)
+        with checkpoint.atomic_path(path) as tmp:
+            tmp.write_text("".join(keep))
 
 
 def _saved_plan(path, config):
