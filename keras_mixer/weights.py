@@ -232,14 +232,14 @@ def read_official(source, cache_dir=None, mirror=None):
     """The flat parameter mapping of `source`: a mapping, an `.npz` path or a released name."""
     if hasattr(source, "items"):
         params = {str(k): np.asarray(v) for k, v in source.items()}
-    elif str(source) in released.NAMES:
+    elif str(source) in released.RELEASES:
         params = npz.read(released.fetch(str(source), cache_dir, mirror))
     elif pathlib.Path(source).is_file():
         params = npz.read(source)
     else:
         raise FileNotFoundError(
             f"{str(source)!r} is neither an existing .npz file nor a released "
-            f"checkpoint name ({', '.join(released.NAMES)})."
+            f"checkpoint name ({', '.join(released.RELEASES)})."
         )
     return _strip_prefix(params, "params/")
 
@@ -257,7 +257,7 @@ def load_official(model, source, cache_dir=None, mirror=None):
     Args:
         model: `MLPMixer`.
         source: a mapping from key to array (an opened `.npz` works), an
-            `.npz` path, or a released name (`keras_mixer.released.NAMES`),
+            `.npz` path, or a released name (`keras_mixer.released.RELEASES`),
             downloaded once.
         cache_dir, mirror: for a released name (see `released.fetch`).
 

@@ -57,6 +57,25 @@ def official_npz(official_fixture, tmp_path):
     return path, params, config, arrays
 
 
+TINY_RELEASE = "tests/Mixer-tiny"
+
+
+@pytest.fixture
+def tiny_release(official_npz, monkeypatch):
+    """`official_npz` registered as the checkpoint name `TINY_RELEASE`, with the
+    shapes it must have, for the rest of the test. Returns (name, path, arrays)."""
+    from keras_mixer import released
+
+    path, _, config, arrays = official_npz
+    release = released.Release(
+        patch=config["patch"][0], hidden_dim=config["hidden_dim"], num_blocks=config["num_blocks"],
+        tokens_mlp_dim=config["tokens_mlp_dim"], channels_mlp_dim=config["channels_mlp_dim"],
+        num_tokens=(config["image"][0] // config["patch"][0]) * (config["image"][1] // config["patch"][1]),
+        num_classes=config["num_classes"])
+    monkeypatch.setitem(released.RELEASES, TINY_RELEASE, release)
+    return TINY_RELEASE, path, arrays
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """A small digits Mixer trained for 10 epochs on this backend: decisive enough

@@ -2,10 +2,11 @@
 
 Each notebook runs top to bottom in a fresh Jupyter kernel (nbclient) with
 `KERAS_MIXER_SMOKE_TEST=1`, which the notebooks read to switch to tiny
-models, a few steps, bundled or mock data. The released checkpoint name
-they load is served by a local mirror holding the parameters of
-`../shared/fixtures/official_flax_mixer_tiny.npz`, and lands in the default
-cache under a temporary HOME, as a user's download would. The notebooks
+models, a few steps, bundled or mock data. The checkpoint name they
+register and load (`RELEASED_NAME`) is served by a local mirror holding the
+parameters of `../shared/fixtures/official_flax_mixer_tiny.npz`, and lands
+checked, with its SHA-256 record, in the default cache under a temporary
+HOME, as a user's download would. The notebooks
 choose the JAX backend themselves; `KERAS_MIXER_NOTEBOOK_BACKEND` (set to
 this process's backend) makes the suite run them once per backend. Any
 cell error fails the test with the cell's traceback.
@@ -55,7 +56,7 @@ EXTRAS = {
     "03_pretrain_tpu.ipynb": "[train,viz]", "04_inspect.ipynb": "[train,viz]",
     "05_export.ipynb": "[train,litert]",
 }
-RELEASED_NAME = "imagenet21k/Mixer-B_16"
+RELEASED_NAME = "smoke/Mixer-tiny"  # registered by the notebooks under SMOKE_TEST
 
 
 def _repository_url():
@@ -232,7 +233,7 @@ def test_notebook_runs(name, notebook_env):
     if name in ("02_finetune_pretrained.ipynb", "04_inspect.ipynb"):
         # The released name went through the default cache: ~/.keras/mixer_models.
         cached = notebook_env / "home" / ".keras" / "mixer_models" / f"{RELEASED_NAME}.npz"
-        assert cached.is_file()
+        assert cached.is_file() and cached.with_name(cached.name + ".sha256").is_file()
     if name in ("02_finetune_pretrained.ipynb", "03_pretrain_tpu.ipynb"):
         assert re.search(r"Batch plan: global batch 8, 8 per device on 1 x ", text), text[-3000:]
     if name == "03_pretrain_tpu.ipynb":
