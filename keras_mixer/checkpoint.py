@@ -8,7 +8,8 @@ flushed to disk and renamed into place, so a crash mid-write leaves the
 previous state intact. On load, files are tried newest first; a file that
 is truncated or damaged (zip CRC, missing arrays, wrong shapes) is
 reported and skipped, and the next older one is used. `save_model` writes
-a `.keras` file the same way (best.keras, model.keras).
+a `.keras` file the same way (best.keras, model.keras); `load_model`
+reads one back with an error that says what is wrong with the file.
 """
 
 import contextlib
@@ -16,6 +17,7 @@ import json
 import logging
 import pathlib
 import re
+import zipfile
 
 import numpy as np
 
@@ -173,3 +175,35 @@ def save_json(path, value):
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(value, indent=2))
     return pathlib.Path(path)
+
+
+def check_model_file(path):
+    """Raises a clear error unless `path` is an existing `.keras` zip
+    archive; cheap (no Keras), so a caller can check before starting work."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No model at {path}.")
+    if path.is_dir() or not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path} is not a readable .keras file: it is not a zip archive, so it is "
+            "truncated, corrupted or another kind of file. Save it again with model.save()."
+        )
+
+
+def load_model(path):
+    """`keras.saving.load_model(path, compile=False)` with safe mode on (no
+    Lambda layers or other Python code), and one clear error for a missing,
+    corrupt or unsafe file."""
+    import keras
+
+    check_model_file(path)
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as error:
+        text = str(error)
+        if "safe_mode" in text:
+            # Keras' message suggests safe_mode=False, which runs the file's code.
+            reason = "it holds Python code (a Lambda layer), which is never loaded"
+        else:
+            reason = f"{type(error).__name__}: {text.splitlines()[0] if text else 'no message'}"
+        raise ValueError(f"{path} is not a model this package can load ({reason}).") from None

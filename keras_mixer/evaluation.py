@@ -209,8 +209,7 @@ def evaluate(model, config, shots=(), seeds=5, few_shot_train=10_000, out_dir=No
     `confusion_matrix` and, with `shots` (few-shot shot counts, e.g.
     (1, 5)), the linear probes under "few_shot".
     """
-    import keras
-
+    from keras_mixer import checkpoint
     from keras_mixer import config as config_lib
     from keras_mixer import data
     from keras_mixer import optim
@@ -220,10 +219,7 @@ def evaluate(model, config, shots=(), seeds=5, few_shot_train=10_000, out_dir=No
         raise ValueError("The config has eval_split=None: nothing to evaluate on.")
     where = "the model"
     if not hasattr(model, "predict"):
-        path = pathlib.Path(model)
-        if not path.is_file():
-            raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist (expected a .keras file).")
-        model, where = keras.saving.load_model(path, compile=False), str(path)
+        model, where = checkpoint.load_model(model), str(model)
     sources = data.make_sources(config)
     datasets = data.make_datasets(config, config["batch_size"], sources=sources)
     check_model_fits(model, datasets.image_shape, datasets.num_classes, where)

@@ -102,6 +102,8 @@ def export(model_or_path, out_dir, formats=FORMATS, quantization=None,
         ExportError: when a file fails its check (after writing the report).
     """
     formats, quantization = _check_arguments(formats, quantization)
+    if isinstance(model_or_path, (str, os.PathLike)):
+        check_model_path(model_or_path)
     if "tflite" in formats and "int8" in quantization and representative_data is None:
         raise ValueError(
             "int8 TFLite is calibrated on images of the model's data: pass "
@@ -155,22 +157,39 @@ def _export_in_subprocess(path, out_dir, formats, quantization, data_path, model
         command += ["--config", str(model_config)]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"The TensorFlow-backend export process failed:\n{done.stderr[-3000:]}")
+        # The process reports a user error as one "error: ..." line (keras_mixer.cli).
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        detail = errors[-1][len("error: "):] if errors else "\n" + done.stderr[-3000:]
+        raise RuntimeError(f"The TensorFlow-backend export process failed: {detail}")
     return json.loads((out_dir / REPORT).read_text())
 
 
 # --- In a TensorFlow-backend process ---------------------------------------------
 
 
-def load_model(path, model_config=None):
-    """Loads a `.keras` file (compile=False) or a `.weights.h5` file with its config."""
-    import keras
-
-    from keras_mixer.model import MLPMixer
+def check_model_path(path):
+    """`path` as a Path, when it names an existing `.weights.h5` file or a
+    readable `.keras` archive; else a clear error. Cheap: `export` checks
+    before it starts a TensorFlow process."""
+    from keras_mixer import checkpoint
 
     path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"No model at {path}.")
+    if path.name.endswith(".weights.h5"):
+        if not path.is_file():
+            raise FileNotFoundError(f"No model at {path}.")
+    elif path.suffix == ".keras":
+        checkpoint.check_model_file(path)
+    else:
+        raise ValueError(f"Cannot export {path}: expected a .keras file or a .weights.h5 file.")
+    return path
+
+
+def load_model(path, model_config=None):
+    """Loads a `.keras` file (compile=False) or a `.weights.h5` file with its config."""
+    from keras_mixer import checkpoint
+    from keras_mixer.model import MLPMixer
+
+    path = check_model_path(path)
     if path.name.endswith(".weights.h5"):
         if model_config is None:
             raise ValueError(
@@ -182,9 +201,7 @@ def load_model(path, model_config=None):
         model = MLPMixer.from_config(model_config)
         model.load_weights(path)
         return model
-    if path.suffix == ".keras":
-        return keras.saving.load_model(path, compile=False)
-    raise ValueError(f"Cannot export {path}: expected a .keras file or a .weights.h5 file.")
+    return checkpoint.load_model(path)
 
 
 def noise_images(image_shape, count=64, seed=0):

@@ -25,7 +25,9 @@ def _input_shape(kind, path):
     if kind == "keras":
         import keras
 
-        model = keras.saving.load_model(path, compile=False)
+        from keras_mixer import checkpoint
+
+        model = checkpoint.load_model(path)
         return tuple(model.input_shape[1:]), lambda x: keras.ops.convert_to_numpy(model.predict(x, verbose=0))
     from keras_mixer import export
 
@@ -71,11 +73,17 @@ def load_image(path, image_shape):
 
     from keras_mixer.data import center_crop
 
+    if not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"No image at {path}.")
     raw = tf.io.read_file(str(path))
     try:
         image = tf.io.decode_image(raw, channels=3, expand_animations=False)
     except tf.errors.InvalidArgumentError as error:
-        raise ValueError(f"{path} is not a JPEG, PNG, BMP or GIF image.") from error
+        reason = str(error.message).splitlines()[0] if error.message else "no message"
+        raise ValueError(
+            f"{path} could not be decoded as a JPEG, PNG, BMP or GIF image: it is truncated, "
+            f"corrupted or another kind of file (TensorFlow: {reason})."
+        ) from None
     if image_shape[2] == 1:
         image = tf.image.rgb_to_grayscale(image)
     image = tf.cast(image, tf.float32)

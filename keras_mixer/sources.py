@@ -215,13 +215,22 @@ def _decode_file(path, channels):
     return _decode_bytes(tf.io.read_file(path), channels)
 
 
-def _image_kind(path):
+def _image_problem(path):
+    """Why the file at `path` is not a whole JPEG or PNG, or None.
+
+    Reads its first 8 bytes and its last KiB: the signature, then the
+    end-of-image marker (JPEG's FFD9, PNG's IEND chunk), which a cut copy
+    or download lacks. A broken body with both ends intact is not caught
+    here; it fails at decoding."""
     with open(path, "rb") as f:
         head = f.read(8)
+        f.seek(max(0, f.seek(0, 2) - 1024))
+        tail = f.read()
     for magic, kind in _MAGIC.items():
         if head.startswith(magic):
-            return kind
-    return None
+            end = b"\xff\xd9" if kind == "jpeg" else b"IEND"
+            return None if end in tail else f"a truncated {kind.upper()}"
+    return "not a JPEG or PNG"
 
 
 def image_folder_source(root, split="train"):
@@ -231,11 +240,12 @@ def image_folder_source(root, split="train"):
     `root/train/<class>/...` and `root/test/<class>/...`. Classes are the
     sorted subfolder names of the train split, so label ids are stable.
 
-    Files whose first bytes are not a JPEG or PNG signature (corrupt or
-    mislabelled files) are skipped, counted and logged once with their
-    paths; the choice keeps one bad file from stopping a long run. A file
-    with a valid signature but a broken body fails at decoding, naming the
-    op; remove it and rerun.
+    Files that do not start with a JPEG or PNG signature (corrupt or
+    mislabelled files) or lack its end-of-image marker (cut copies) are
+    skipped, counted and logged once with their paths and the reason; the
+    choice keeps one bad file from stopping a long run, and `Source.skipped`
+    lists them. A file with both ends intact but a broken body fails at
+    decoding, naming the op; remove it and rerun.
 
     Args:
         root: path of the folder.
@@ -272,14 +282,15 @@ def image_folder_source(root, split="train"):
         for path in sorted(class_dir.iterdir()):
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
-            if _image_kind(path) is None:
-                skipped.append(str(path))
+            problem = _image_problem(path)
+            if problem:
+                skipped.append(f"{path} ({problem})")
                 continue
             paths.append(str(path))
             labels.append(label)
     if skipped:
         logging.warning(
-            "Skipped %d file(s) in %s that are not JPEG or PNG images: %s",
+            "Skipped %d file(s) in %s that are not whole JPEG or PNG images: %s",
             len(skipped), split_dir, ", ".join(skipped[:10]),
         )
     if not paths:

@@ -16,6 +16,7 @@ loaded into a fresh model through the same strict check.
 """
 
 import logging
+import os
 import pathlib
 import re
 
@@ -173,34 +174,63 @@ def _to_numpy(value):
     return np.asarray(value)
 
 
-def _read_timm_file(path):
-    path = str(path)
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.numpy import load_file
-        except ImportError as error:
-            raise ImportError(
-                f"Reading {path} needs the `safetensors` package: "
-                "pip install safetensors"
-            ) from error
+def _unreadable(path, kind, error):
+    return ValueError(
+        f"{path!r} is not a readable {kind} file ({type(error).__name__}: {str(error).splitlines()[0]}). "
+        "It may be truncated or corrupted: download it again."
+    )
+
+
+def _read_safetensors(path):
+    try:
+        from safetensors.numpy import load_file
+    except ImportError as error:
+        raise ImportError(f"Reading {path} needs the `safetensors` package: pip install safetensors") from error
+    try:
         return load_file(path)
-    if path.endswith((".pth", ".pt", ".bin")):
-        try:
-            import torch
-        except ImportError as error:
-            raise ImportError(
-                f"Reading the PyTorch file {path} needs torch: "
-                'pip install "keras-mixer[torch]"'
-            ) from error
+    except Exception as error:  # safetensors raises its own SafetensorError
+        raise _unreadable(path, ".safetensors", error) from None
+
+
+def _read_pth(path):
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(f'Reading the PyTorch file {path} needs torch: pip install "keras-mixer[torch]"') from error
+    import pickle
+
+    try:
         # weights_only: a checkpoint file cannot run code when it loads.
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        return state
-    raise ValueError(
-        f"Unknown timm weights format for {path}: expected a `.safetensors` "
-        "or `.pth` file, or a mapping of arrays."
-    )
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False, which would run
+        # whatever the file holds; it is not repeated.
+        raise ValueError(
+            f"{path!r} holds Python objects besides tensors, which are never loaded (they could run "
+            "code). Save a plain state_dict instead: torch.save(model.state_dict(), path)."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise _unreadable(path, "PyTorch", error) from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not hasattr(state, "items"):
+        raise ValueError(
+            f"{path!r} holds a {type(state).__name__}, not a state_dict (a mapping from "
+            "parameter names to tensors), as torch.save(model.state_dict(), path) writes."
+        )
+    return state
+
+
+def _read_timm_file(path):
+    path = str(path)
+    if not path.endswith((".safetensors", ".pth", ".pt", ".bin")):
+        raise ValueError(
+            f"Unknown timm weights format for {path}: expected a `.safetensors` "
+            "or `.pth` file, or a mapping of arrays."
+        )
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"timm weights file {path!r} does not exist.")
+    return _read_safetensors(path) if path.endswith(".safetensors") else _read_pth(path)
 
 
 def load_timm(model, source):

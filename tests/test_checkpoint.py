@@ -84,3 +84,29 @@ def test_json_and_model_files_are_written_atomically(tmp_path, monkeypatch):
         checkpoint.save_model(model, tmp_path / "model.keras")
     assert (tmp_path / "model.keras").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras", "results.json"]
+
+
+def test_load_model_names_what_is_wrong_with_the_file(tmp_path):
+    import zipfile
+
+    model = tiny_model()
+    good = checkpoint.save_model(model, tmp_path / "good.keras")
+    np.testing.assert_array_equal(checkpoint.load_model(good).get_weights()[0], model.get_weights()[0])
+    whole = good.read_bytes()
+    (tmp_path / "cut.keras").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "text.keras").write_text("not a model")
+    with zipfile.ZipFile(tmp_path / "other.keras", "w") as archive:
+        archive.writestr("notes.txt", "a zip, but not of a model")
+    inputs = keras.Input((4,))
+    keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs)).save(tmp_path / "code.keras")
+    cases = {
+        "missing.keras": (FileNotFoundError, r"No model at .*missing.keras"),
+        "cut.keras": (ValueError, r"cut.keras is not a readable .keras file: it is not a zip archive"),
+        "text.keras": (ValueError, r"text.keras is not a readable .keras file"),
+        "other.keras": (ValueError, r"other.keras is not a model this package can load \(KeyError: "),
+        "code.keras": (ValueError, r"holds Python code \(a Lambda layer\), which is never loaded"),
+    }
+    for name, (error, pattern) in cases.items():
+        with pytest.raises(error, match=pattern) as info:
+            checkpoint.load_model(tmp_path / name)
+        assert "safe_mode=False" not in str(info.value) and "File not found" not in str(info.value)

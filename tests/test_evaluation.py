@@ -125,5 +125,8 @@ def test_evaluate_cli_matches_keras_evaluate_and_writes_its_files(tmp_path, caps
                     tokens_mlp_dim=8, channels_mlp_dim=8, num_classes=5)
     with pytest.raises(ValueError, match=r"gives 5 classes; the config's data has \(8, 8, 1\) images and 10"):
         evaluation.evaluate(five, config_lib.load("digits"))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="No model at .*missing.keras"):
         evaluation.evaluate(tmp_path / "missing.keras", config_lib.load("digits"))
+    (tmp_path / "cut.keras").write_bytes(model_path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="cut.keras is not a readable .keras file: it is not a zip archive"):
+        evaluation.evaluate(tmp_path / "cut.keras", config_lib.load("digits"))

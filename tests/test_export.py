@@ -114,6 +114,27 @@ def test_clear_errors(trained, tmp_path):
     assert not list(tmp_path.glob("*.tflite"))
 
 
+def test_a_missing_or_corrupt_model_fails_before_any_export_starts(trained, tmp_path, monkeypatch):
+    """On JAX and PyTorch export runs in a TensorFlow process: a bad path
+    must fail here first, and nothing is written."""
+    def started(*args):
+        raise AssertionError("an export started")
+
+    monkeypatch.setattr(export, "_export_in_subprocess", started)
+    monkeypatch.setattr(export, "_export_here", started)
+    (tmp_path / "cut.keras").write_bytes(trained.read_bytes()[:500])
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match=r"No model at .*missing.keras"):
+        export.export(tmp_path / "missing.keras", out)
+    with pytest.raises(FileNotFoundError, match=r"No model at .*missing.weights.h5"):
+        export.export(tmp_path / "missing.weights.h5", out)
+    with pytest.raises(ValueError, match=r"cut.keras is not a readable .keras file"):
+        export.export(tmp_path / "cut.keras", out)
+    with pytest.raises(ValueError, match=r"Cannot export .*model.pt: expected a .keras file or a .weights.h5"):
+        export.export(tmp_path / "model.pt", out)
+    assert not out.exists()
+
+
 def test_missing_optional_dependency_names_the_extra(trained, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tf2onnx", None)
     with pytest.raises(ImportError, match=r"pip install 'keras-mixer\[export\]'"):

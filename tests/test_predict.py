@@ -34,6 +34,17 @@ def test_predict_prints_the_class_of_a_png(trained, exported, tmp_path):
     assert done.stdout.strip().startswith(f"{png}: digit {y_test[index]} ")
 
 
+def test_a_missing_or_truncated_image_names_the_file(trained, tmp_path):
+    png = tmp_path / "cut.png"
+    encoded = tf.io.encode_png(tf.zeros((8, 8, 3), tf.uint8)).numpy()
+    png.write_bytes(encoded[: len(encoded) // 2])
+    with pytest.raises(ValueError, match=r"cut.png could not be decoded as a JPEG, PNG, BMP or GIF image: "
+                                         r"it is truncated, corrupted"):
+        predict.predict(trained, [png])
+    with pytest.raises(FileNotFoundError, match=r"No image at .*absent.png"):
+        predict.predict(trained, [tmp_path / "absent.png"])
+
+
 def test_an_unknown_or_missing_model_file_is_a_clear_error(tmp_path):
     (tmp_path / "m.pt").write_bytes(b"weights")
     with pytest.raises(ValueError, match="is not a model keras_mixer.predict reads: expected a .keras file"):

@@ -25,12 +25,18 @@ def test_digits_split_is_fixed_and_scaled():
     np.testing.assert_array_equal(x_train, again)
 
 
-def test_image_folder_mixed_sizes_and_formats_skips_a_corrupt_file(tmp_path, caplog):
-    write_image_folder(tmp_path, per_class=3, corrupt=True)
+def test_image_folder_mixed_sizes_and_formats_skips_corrupt_and_cut_files(tmp_path, caplog):
+    paths = write_image_folder(tmp_path, per_class=4, corrupt=True)
+    # Cut copies of a PNG and a JPEG: TensorFlow's decoder would stop the run
+    # with an error that names no file.
+    for path in paths[:2]:
+        whole = path.read_bytes()
+        (path.parent / f"cut{path.suffix}").write_bytes(whole[: len(whole) * 2 // 3])
     source = sources.image_folder_source(tmp_path)
-    assert (source.num_examples, source.num_classes) == (6, 2)
-    assert [p.endswith("broken.jpg") for p in source.skipped] == [True]
-    assert "Skipped 1 file(s)" in caplog.text and "broken.jpg" in caplog.text
+    assert (source.num_examples, source.num_classes) == (8, 2)
+    assert sorted(p.split("/")[-1] for p in source.skipped) == [
+        "broken.jpg (not a JPEG or PNG)", "cut.jpg (a truncated JPEG)", "cut.png (a truncated PNG)"]
+    assert "Skipped 3 file(s)" in caplog.text and "cut.png (a truncated PNG)" in caplog.text
     dataset, _ = data.train_pipeline(source, 3, SHAPE, seed=0)
     for images, labels in batches(dataset, 4):
         assert images.shape == (3,) + SHAPE

@@ -2,6 +2,7 @@
 back, head surgery, and the paper's Appendix C resolution adaptation."""
 
 import importlib.util
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -144,6 +145,44 @@ def test_load_timm_reports_foreign_keys_and_unknown_formats(tmp_path):
     assert "missing keys:\n  MixerBlock_2/LayerNorm_1/bias" in str(info.value)
     with pytest.raises(ValueError, match=r"Unknown timm weights format.*\.safetensors.*\.pth"):
         load_timm(model, tmp_path / "mixer.ckpt")
+
+
+class _RunsCode:
+    """A pickle payload that would create `marker` if it were ever unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def test_load_timm_names_what_is_wrong_with_a_file(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.numpy import save_file
+
+    config, arrays = load_fixture("timm_mixer_tiny.npz")
+    model = fixture_model(config, num_classes=config["num_classes"], gelu_approximate=False)
+    marker = tmp_path / "code_ran"
+    torch.save([torch.zeros(3)], tmp_path / "list.pth")
+    torch.save({"stem.proj.weight": _RunsCode(marker)}, tmp_path / "payload.pth")
+    data = (tmp_path / "list.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    save_file({"stem.proj.bias": np.zeros(48, "float32")}, str(tmp_path / "whole.safetensors"))
+    data = (tmp_path / "whole.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    cases = {
+        "list.pth": (ValueError, r"holds a list, not a state_dict"),
+        "payload.pth": (ValueError, r"holds Python objects besides tensors, which are never loaded"),
+        "cut.pth": (ValueError, r"cut.pth' is not a readable PyTorch file .*truncated or corrupted"),
+        "cut.safetensors": (ValueError, r"cut.safetensors' is not a readable .safetensors file"),
+        "absent.pth": (FileNotFoundError, r"timm weights file .*absent.pth' does not exist"),
+    }
+    for name, (error, pattern) in cases.items():
+        with pytest.raises(error, match=pattern) as info:
+            load_timm(model, tmp_path / name)
+        assert "weights_only=False" not in str(info.value), name
+    assert not marker.exists()
 
 
 def test_load_timm_reads_safetensors(tmp_path):
