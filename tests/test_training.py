@@ -320,6 +320,38 @@ def test_best_model_survives_a_resume_and_holds_what_was_measured(tmp_path, monk
     assert accuracy == pytest.approx(max(scores), abs=1e-6)
 
 
+def test_a_full_disk_mid_run_keeps_the_last_state_and_the_resume_is_exact(tmp_path, monkeypatch):
+    """The disk fills while the state of step 12 is being written: part of
+    the file is on disk when the write fails, as with a real ENOSPC."""
+    import errno
+
+    config = tiny_config(epochs=3, checkpoint_every=4)  # states at steps 4, 8, 11, 12, ...
+    reference = training.train(config, tmp_path / "reference", verbose=0)
+    real, calls = np.savez, []
+
+    def savez(file, **arrays):
+        calls.append(json.loads(str(arrays["header"]))["step"])
+        if calls[-1] == 12:
+            file.write(b"PK\x03\x04" + bytes(4096))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(file, **arrays)
+
+    monkeypatch.setattr(np, "savez", savez)
+    with pytest.raises(OSError, match="No space left on device.*nothing was left behind.*Free disk space") as error:
+        training.train(config, tmp_path / "run", verbose=0)
+    assert error.value.errno == errno.ENOSPC
+    monkeypatch.setattr(np, "savez", real)
+    # The two newest (keep_checkpoints=2) and no partial file.
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "state-000000008.npz", "state-000000011.npz"]
+    assert not (tmp_path / "run" / "model.keras").exists() and not (tmp_path / "run" / "results.json").exists()
+    resumed = training.train(config, tmp_path / "run", verbose=0)  # space freed: the same command
+    assert resumed["resumed_from"] == 11 and resumed["steps"] == 33
+    for a, b in zip(final_arrays(tmp_path / "reference")[2], final_arrays(tmp_path / "run")[2]):
+        np.testing.assert_array_equal(a, b)
+    assert resumed["test_accuracy"] == reference["test_accuracy"]
+
+
 def test_a_failed_start_leaves_the_work_directory_usable(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         training.train(tiny_config(dataset="image_folder", data_dir=str(tmp_path / "nowhere")),
