@@ -32,6 +32,14 @@ evaluator computes it), implemented here in NumPy:
 `l2_reg` defaults to 1.0 here. big_vision picks it from a grid on held-out
 training data; `few_shot(..., l2_reg=[...])` takes such a grid and selects on
 a validation slice of the sampled training images when k >= 2.
+
+The probe measures transfer when the model was trained on other data (the
+paper probes ImageNet-pretrained features on other datasets). On the
+classes a model was trained on, its features collapse to one point per
+class, and a probe from even one image per class gives the head's own
+answers: the digits model of `configs/digits.py` scores its top-1 (0.9889)
+at every shot count and seed, with a within-class to between-class feature
+variance ratio of 0.027. That is the probe working, not a fault.
 """
 
 import argparse
