@@ -97,3 +97,16 @@ def keras_logits(model_path, images):
     """The logits of a saved `.keras` model."""
     model = keras.saving.load_model(model_path, compile=False)
     return keras.ops.convert_to_numpy(model.predict(images, verbose=0))
+
+
+def assert_errors(load, directory, cases, never=()):
+    """For each `{file name: (error type, message pattern)}` of `cases`,
+    `load(directory / name)` raises that error with that message, which
+    holds none of the strings `never` (hints that would undo a safety check,
+    or a wrong diagnosis)."""
+    import pytest
+
+    for name, (error, pattern) in cases.items():
+        with pytest.raises(error, match=pattern) as info:
+            load(directory / name)
+        assert not [text for text in never if text in str(info.value)], (name, str(info.value))

@@ -6,6 +6,7 @@ import pytest
 
 from keras_mixer import checkpoint
 from keras_mixer.model import MLPMixer
+from base import assert_errors
 
 
 def tiny_model():
@@ -106,7 +107,4 @@ def test_load_model_names_what_is_wrong_with_the_file(tmp_path):
         "other.keras": (ValueError, r"other.keras is not a model this package can load \(KeyError: "),
         "code.keras": (ValueError, r"holds Python code \(a Lambda layer\), which is never loaded"),
     }
-    for name, (error, pattern) in cases.items():
-        with pytest.raises(error, match=pattern) as info:
-            checkpoint.load_model(tmp_path / name)
-        assert "safe_mode=False" not in str(info.value) and "File not found" not in str(info.value)
+    assert_errors(checkpoint.load_model, tmp_path, cases, never=("safe_mode=False", "File not found"))
