@@ -1,5 +1,6 @@
 """keras-mixer: MLP-Mixer (Tolstikhin et al., 2021) for Keras 3 on JAX, TensorFlow and PyTorch."""
 
+from keras_mixer.features import feature_extractor
 from keras_mixer.layers import LayerNorm
 from keras_mixer.layers import MixerBlock
 from keras_mixer.layers import MLPBlock
