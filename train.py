@@ -90,6 +90,11 @@ def parse_args(argv):
         "(calibrated on evaluation images) (default: float32)",
     )
     parser.add_argument(
+        "--quantize", choices=("int8", "int4"), default=None,
+        help="after training, also write model_<MODE>.keras: every Dense quantized by "
+        "Keras (keras_mixer.quantize), with its size and top-1 agreement printed",
+    )
+    parser.add_argument(
         "--eval_only", action="store_true",
         help="evaluate --checkpoint (a .keras file) on the config's eval split and exit "
         "(keras_mixer.evaluation, whose command also runs few-shot probes)",
@@ -171,6 +176,14 @@ def main(argv=None):
             f"{results['seconds']:.0f} s on {results['backend']}"
         )
     print(f"saved {os.path.join(workdir, 'model.keras')} and {os.path.join(workdir, 'log.csv')}")
+    if args.quantize and placement.is_chief:
+        from keras_mixer import data
+        from keras_mixer import quantize
+
+        report = quantize.quantize_file(os.path.join(workdir, "model.keras"), args.quantize,
+                                        data.representative_images(config_lib.resolve(config)))
+        print(quantize.describe(report))
+        results["quantized"] = report
     if args.export and placement.is_chief:
         from keras_mixer import data
         from keras_mixer import export

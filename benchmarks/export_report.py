@@ -16,6 +16,7 @@ import time
 import keras
 import numpy as np
 
+from bench_quantize import digits_images
 from keras_mixer import MLPMixer, export
 
 
@@ -30,7 +31,8 @@ def main():
     head = model.get_layer("head")
     head.kernel.assign(np.random.default_rng(0).normal(0, 0.02, head.kernel.shape).astype("float32"))
     begin = time.perf_counter()
-    report = export.export(model, args.out, args.formats, args.quantization)
+    report = export.export(model, args.out, args.formats, args.quantization,
+                           representative_data=digits_images(model.input_shape[1:], 128))
     print(f"{args.variant} at {model.input_shape[1:]}, exported and checked in "
           f"{time.perf_counter() - begin:.0f} s on {keras.backend.backend()}:")
     print(export.format_report(report))

@@ -327,10 +327,23 @@ def _mark_failed(path):
     return failed
 
 
+def _check_quantized(model, formats):
+    from keras_mixer import quantize
+
+    modes = quantize.quantized_modes(model)
+    if modes and "tflite" in formats:
+        raise ValueError(
+            f"This model's weights are quantized by Keras ({', '.join(modes)}), which the TFLite "
+            "converter cannot convert. Export the float model with --quantization int8 (or "
+            "dynamic_range): the converter quantizes it. SavedModel and ONNX take this model."
+        )
+
+
 def _export_here(path, out_dir, formats, quantization, data_path, model_config):
     import keras
 
     model = load_model(path, model_config) if isinstance(path, (str, os.PathLike)) else path
+    _check_quantized(model, formats)
     image_shape = tuple(model.input_shape[1:])
     if data_path is not None:
         images = _check_data(np.load(data_path), image_shape)

@@ -64,6 +64,46 @@ def _check_image_shape(image_shape, patch_size):
     return image_shape
 
 
+def _head_dtype(dtype):
+    """The head's policy: under a mixed policy (e.g. "mixed_bfloat16") it
+    computes in the variable dtype, so logits stay float32 for softmax,
+    losses and top-k metrics, as Keras recommends for the last layer. A
+    `DTypePolicyMap` keeps its per-layer entries (a quantized head)."""
+    policy = dtype if dtype is not None else keras.config.dtype_policy()
+    if policy.compute_dtype == policy.variable_dtype:
+        return dtype
+    if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        return keras.dtype_policies.DTypePolicyMap(policy.variable_dtype, {key: policy[key] for key in policy})
+    return policy.variable_dtype
+
+
+def _dtype_config(model):
+    """The policy `get_config` saves: the model's own, or after `quantize`
+    a `DTypePolicyMap` from each quantized layer's path to its policy, so
+    that loading builds those layers quantized (the blocks create their
+    `Dense` layers themselves, from the block's policy; KerasHub's
+    backbones save quantized models the same way)."""
+    if isinstance(model.dtype_policy, keras.dtype_policies.DTypePolicyMap):
+        return model.dtype_policy
+    policy_map = keras.dtype_policies.DTypePolicyMap(model.dtype_policy)
+    for layer in model._flatten_layers(include_self=False):
+        if layer.quantization_mode is not None:
+            policy_map[layer.path] = layer.dtype_policy
+    return policy_map if len(policy_map) else model.dtype_policy
+
+
+def _concrete_policies(model):
+    """Gives each layer built from a `DTypePolicyMap` the policy the map
+    gives its path. Keras 3.15's `Dense` reads `self.dtype_policy` when it
+    saves, and on a map that is the default (not quantized), so a quantized
+    model loaded through its map could not be saved again. `_dtype_policy`
+    is set directly: the public setter writes into the map instead."""
+    for layer in model._flatten_layers(include_self=True):
+        policy = layer._dtype_policy
+        if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+            layer._dtype_policy = policy[layer.path] if layer.path in policy else policy.default_policy
+
+
 @keras.saving.register_keras_serializable(package="keras_mixer")
 class MLPMixer(keras.Model):
     """MLP-Mixer (Tolstikhin et al., 2021), as a functional Keras model.
@@ -134,6 +174,10 @@ class MLPMixer(keras.Model):
     ):
         patch = check_pair("patch_size", patch_size)
         image_shape = _check_image_shape(image_shape, patch)
+        if dtype is not None:
+            # Once, so every layer shares one policy (or one DTypePolicyMap
+            # of a quantized model's saved config).
+            dtype = keras.dtype_policies.get(dtype)
         for arg, value in (
             ("num_blocks", num_blocks),
             ("hidden_dim", hidden_dim),
@@ -186,16 +230,18 @@ class MLPMixer(keras.Model):
         )(x)
         x = layers.GlobalAveragePooling1D(dtype=dtype, name="pre_logits")(x)
         if num_classes is not None:
-            # Under a mixed policy (e.g. "mixed_bfloat16") the head computes
-            # in the variable dtype: float32 logits keep softmax, losses and
-            # top-k metrics exact, as Keras recommends for the last layer.
-            policy = keras.dtype_policies.get(dtype) if dtype else keras.config.dtype_policy()
-            head_dtype = policy.variable_dtype if policy.compute_dtype != policy.variable_dtype else dtype
+            # Under a mixed policy the head computes in float32 (_head_dtype).
             # The official code initialises the head kernel to zero.
             x = layers.Dense(
-                num_classes, kernel_initializer="zeros", dtype=head_dtype, name="head"
+                num_classes, kernel_initializer="zeros", dtype=_head_dtype(dtype), name="head"
             )(x)
         super().__init__(inputs=inputs, outputs=x, name=name, **kwargs)
+        if dtype is not None:
+            # Functional models drop a `dtype` argument: set it, so the
+            # model's policy is its layers' and get_config saves it (a
+            # bfloat16 model reloads as bfloat16).
+            self.dtype_policy = dtype
+            _concrete_policies(self)
         # Input checks happen in `call`, with messages that say how to fix
         # the input, instead of Keras' generic spec mismatch.
         self.input_spec = None
@@ -325,7 +371,7 @@ class MLPMixer(keras.Model):
         return {
             "name": self.name,
             "trainable": self.trainable,
-            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
+            "dtype": keras.dtype_policies.serialize(_dtype_config(self)),
             "image_shape": self.image_shape,
             "patch_size": self.patch_size,
             "num_blocks": self.num_blocks,

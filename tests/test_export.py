@@ -135,6 +135,19 @@ def test_a_missing_or_corrupt_model_fails_before_any_export_starts(trained, tmp_
     assert not out.exists()
 
 
+def test_a_keras_quantized_model_exports_to_saved_model_and_tflite_is_refused(trained, tmp_path):
+    from keras_mixer import quantize
+
+    model = keras.saving.load_model(trained, compile=False)
+    quantize.quantize(model, "int8")
+    model.save(tmp_path / "int8.keras")
+    report = export.export(tmp_path / "int8.keras", tmp_path / "out", ["saved_model"])
+    assert [e["passed"] for e in report["files"]] == [True]
+    with pytest.raises((ValueError, RuntimeError), match=r"quantized by Keras \(int8\), which the TFLite "
+                       r"converter cannot convert. Export the float model with --quantization int8"):
+        export.export(tmp_path / "int8.keras", tmp_path / "out", ["tflite"])
+
+
 def test_missing_optional_dependency_names_the_extra(trained, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tf2onnx", None)
     with pytest.raises(ImportError, match=r"pip install 'keras-mixer\[export\]'"):

@@ -235,3 +235,16 @@ def test_wrong_input_shapes_name_problem_and_fix(shape, message):
         model(np.zeros(shape, "float32"))
     with pytest.raises(ValueError, match=message):
         model.predict(np.zeros(shape, "float32"), verbose=0)
+
+
+@pytest.mark.parametrize("dtype, head", [("bfloat16", "bfloat16"), ("mixed_bfloat16", "float32")])
+def test_a_model_reloads_with_the_policy_it_was_built_with(dtype, head, tmp_path):
+    """The model's own policy is its layers' (Keras' functional constructor
+    drops a `dtype` argument), so a bfloat16 model does not reload as float32."""
+    model = MLPMixer(image_shape=(8, 8, 3), patch_size=4, num_blocks=1, hidden_dim=8, tokens_mlp_dim=4,
+                     channels_mlp_dim=8, num_classes=3, dtype=dtype)
+    assert model.dtype_policy.name == dtype
+    model.save(tmp_path / "m.keras")
+    reloaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert reloaded.dtype_policy.name == reloaded.get_layer("block_0").dtype_policy.name == dtype
+    assert reloaded.get_layer("head").dtype_policy.name == head

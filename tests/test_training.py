@@ -129,12 +129,19 @@ def test_cifar10_finetune_runs_on_mock_data_from_a_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_train_py_reaches_98_percent_on_digits(tmp_path):
-    result = run_train_py(["--workdir", str(tmp_path), "--verbose", "0"], timeout=900)
+    result = run_train_py(["--workdir", str(tmp_path), "--verbose", "0", "--quantize", "int8"], timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     print(f"train.py on {results['backend']}: {results['test_accuracy']:.4f} in {results['seconds']} s")
     assert results["test_accuracy"] >= 0.98, results
     assert (tmp_path / "model.keras").exists() and (tmp_path / "log.csv").exists()
+    # --quantize int8: the quantized copy, and how well it agrees with the float model.
+    import re
+
+    agreement = re.search(r"model_int8.keras: int8 weights, .* top-1 agreement with the float model "
+                          r"(\d\.\d{4}) on 128 evaluation images", result.stdout)
+    assert agreement and float(agreement.group(1)) >= 0.97, result.stdout[-2000:]
+    assert (tmp_path / "model_int8.keras").stat().st_size < (tmp_path / "model.keras").stat().st_size
 
 
 def test_eval_only_reports_the_saved_models_accuracy(tmp_path):
