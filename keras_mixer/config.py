@@ -128,6 +128,8 @@ SCHEMA = (
     Key("model", {}, (dict,), "MLPMixer arguments, over the variant's (model.<key>, see below)"),
     Key("init_checkpoint", None, (str, NONE), "an official .npz path or released name to start from"),
     Key("reset_head", False, (bool,), "with init_checkpoint: start from a zero head"),
+    Key("lora_rank", None, (int, NONE), "LoRA adapters of this rank on the MLPs (all else frozen but the head; "
+        "lora.npz saved); None: every weight trains", positive=True),
     # Recipe.
     Key("recipe", None, (str, NONE), "the paper's recipe, under the config's own values", choices=tuple(RECIPES)),
     Key("optimizer", "adamw", (str,), "the optimizer", choices=("adamw", "sgd")),

@@ -358,6 +358,26 @@ class MLPMixer(keras.Model):
             pretrained_image_shape=pretrained_image_shape, **overrides
         )
 
+    def enable_lora(self, rank, target_names=None, alpha=None):
+        """LoRA: rank-`rank` adapters on the token- and channel-mixing `Dense`
+        layers (or those whose path ends with one of `target_names`), all else
+        frozen but the head. See `keras_mixer.lora`; returns the adapted paths."""
+        from keras_mixer import lora
+
+        return lora.enable_lora(self, rank, target_names, alpha)
+
+    def save_lora_weights(self, path):
+        """Writes the adapters and the head (every trainable variable) to an `.npz`."""
+        from keras_mixer import lora
+
+        return lora.save_lora_weights(self, path)
+
+    def load_lora_weights(self, path):
+        """Loads a `save_lora_weights` file, enabling LoRA as it records when needed."""
+        from keras_mixer import lora
+
+        return lora.load_lora_weights(self, path)
+
     @staticmethod
     def _config_keys():
         return (

@@ -28,7 +28,7 @@ from keras_mixer.model import MLPMixer
 
 
 def make_model(config, image_shape, num_classes):
-    """The `MLPMixer` of a resolved config.
+    """The `MLPMixer` of a resolved config, with LoRA adapters when `lora_rank` is set.
 
     With `init_checkpoint` (an official `.npz` path or released name such as
     "imagenet21k/Mixer-B_16") the architecture comes from the checkpoint:
@@ -37,9 +37,16 @@ def make_model(config, image_shape, num_classes):
     token-mixing MLPs (paper Appendix C). Otherwise: a paper `variant` with
     `model` overrides, or `model` alone.
     """
+    config_lib.check_resolved(config)
+    model = _make_model(config, image_shape, num_classes)
+    if config["lora_rank"]:
+        model.enable_lora(config["lora_rank"])
+    return model
+
+
+def _make_model(config, image_shape, num_classes):
     from keras_mixer import weights
 
-    config_lib.check_resolved(config)
     kwargs = dict(config["model"])
     kwargs.setdefault("seed", config["seed"])
     if config["init_checkpoint"]:
@@ -204,7 +211,9 @@ def train(config, workdir, verbose="auto", distribution="auto", model_parallel_s
     `distribution.json`, `log.csv`, `tensorboard/`,
     `checkpoints/state-<step>.npz` (the last `keep_checkpoints`, every
     `checkpoint_every` steps, every epoch and on SIGTERM), `best.keras` (best
-    validation accuracy), `model.keras` (final; EMA weights when on) and
+    validation accuracy), `model.keras` (final; EMA weights when on; with
+    `lora_rank`, the adapters merged), `lora.npz` (with `lora_rank`: the
+    adapters and the head, `MLPMixer.load_lora_weights`) and
     `results.json`. Running it again on the same `workdir` continues at the
     exact step where the last state was written: same batches, optimizer
     and schedule state.
@@ -429,5 +438,7 @@ def _results(run, history):
     results["batch_plan"] = run.plan.describe()
     if run.placement.is_chief:
         checkpoint.save_model(run.model, run.workdir / "model.keras")
+        if run.config["lora_rank"]:
+            run.model.save_lora_weights(run.workdir / "lora.npz")
         checkpoint.save_json(run.workdir / "results.json", results)
     return results

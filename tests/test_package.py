@@ -64,18 +64,19 @@ def test_no_module_level_import_cycle():
 
 
 def test_layers_and_model_import_only_keras_numpy_and_stdlib():
-    """The model may reach `weights` lazily, inside MLPMixer.from_checkpoint only."""
+    """The model may reach `weights` lazily, inside MLPMixer.from_checkpoint only,
+    and `lora` inside the three LoRA methods."""
     for module, allowed in (("layers", set()), ("model", {"layers"})):
         for name in imports(PACKAGE / f"{module}.py", top_level_only=True):
             root = name.split(".")[0]
             assert root in STDLIB or root in {"keras", "numpy"} or name in {
                 f"keras_mixer.{a}" for a in allowed} or name == "keras_mixer.layers", (module, name)
     lazy = package_imports("model") - package_imports("model", top_level_only=True)
-    assert lazy == {"weights"}
+    assert lazy == {"weights", "lora"}
     tree = ast.parse((PACKAGE / "model.py").read_text())
     functions = [node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
                  and any(isinstance(n, ast.ImportFrom) for n in ast.walk(node))]
-    assert functions == ["from_checkpoint"]
+    assert functions == ["from_checkpoint", "enable_lora", "save_lora_weights", "load_lora_weights"]
 
 
 @pytest.mark.parametrize("module, forbidden", [

@@ -151,7 +151,7 @@ def test_eval_only_reports_the_saved_models_accuracy(tmp_path):
     assert output.returncode == 0, output.stderr[-3000:]
     assert f"top-1 {results['test_accuracy']:.4f}" in output.stdout
     missing = run_train_py(["--eval_only", "--checkpoint", str(tmp_path / "nope.keras")], timeout=300)
-    assert missing.returncode != 0 and "nope.keras' does not exist" in missing.stderr
+    assert missing.returncode != 0 and "error: No model at " in missing.stderr and "nope.keras" in missing.stderr
 
 
 def start(workdir):
@@ -359,6 +359,29 @@ def test_a_full_disk_mid_run_keeps_the_last_state_and_the_resume_is_exact(tmp_pa
     assert resumed["test_accuracy"] == reference["test_accuracy"]
 
 
+def test_lora_fine_tuning_from_a_checkpoint_writes_the_adapters(tmp_path):
+    """lora_rank: only the adapters and the head train; lora.npz on the
+    pretrained base gives the run's final model (model.keras, merged)."""
+    from keras_mixer import save_official
+
+    training.train(tiny_config(epochs=1), tmp_path / "pretrain", verbose=0)
+    base = keras.saving.load_model(tmp_path / "pretrain" / "model.keras")
+    save_official(base, tmp_path / "base.npz")
+    config = tiny_config(epochs=1, init_checkpoint=str(tmp_path / "base.npz"), lora_rank=4)
+    results = training.train(config, tmp_path / "lora", verbose=0)
+    assert results["steps"] == 11
+    adapters = tmp_path / "lora" / "lora.npz"
+    assert adapters.stat().st_size < (tmp_path / "lora" / "model.keras").stat().st_size / 2
+    restored = MLPMixer.from_checkpoint(tmp_path / "base.npz")
+    restored.load_lora_weights(adapters)
+    merged = keras.saving.load_model(tmp_path / "lora" / "model.keras")
+    _, (x_test, _) = sources.load_digits()
+    np.testing.assert_allclose(to_numpy(restored.predict(x_test[:64], verbose=0)),
+                               to_numpy(merged.predict(x_test[:64], verbose=0)), atol=1e-5)
+    # The frozen base did not move: the stem is the pretrained one.
+    np.testing.assert_array_equal(to_numpy(merged.get_layer("stem").kernel), to_numpy(base.get_layer("stem").kernel))
+
+
 def test_a_failed_start_leaves_the_work_directory_usable(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         training.train(tiny_config(dataset="image_folder", data_dir=str(tmp_path / "nowhere")),
@@ -408,7 +431,7 @@ def test_train_py_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_pat
         (["--set", "learning_rate=-1"], "error: `learning_rate` must be greater than 0, got -1."),
         (["--set", "model.droput_rate=0.5"], "error: Unknown model key(s) ['model.droput_rate']."),
         (["--workdir", str(tmp_path / "busy")], f"error: --workdir {tmp_path / 'busy'} is a file"),
-        (["--eval_only", "--checkpoint", str(tmp_path / "nope.keras")], "nope.keras' does not exist"),
+        (["--eval_only", "--checkpoint", str(tmp_path / "nope.keras")], "error: No model at "),
     ):
         result = run_train_py(args, timeout=300)
         assert result.returncode == 1, (args, result.stderr[-2000:])
