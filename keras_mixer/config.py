@@ -180,6 +180,8 @@ MODEL_KEYS = {key.name: key for key in (
     Key("layer_norm_epsilon", 1e-6, _FLOAT, "LayerNorm's epsilon", bounds="> 0"),
     Key("gelu_approximate", True, (bool,), "tanh GELU (official); False: exact (timm)"),
     Key("include_preprocessing", True, (bool,), "the model rescales [0, 255] pixels itself"),
+    Key("pixel_mean", None, (list, NONE), "per-channel mean in [0, 1] units; None: the official 0.5"),
+    Key("pixel_std", None, (list, NONE), "per-channel std in [0, 1] units; None: the official 0.5"),
     Key("seed", None, (int, NONE), "initialisation and dropout; None: the config's seed"),
     Key("remat", False, (bool,), "recompute blocks in the backward pass to save memory"),
     Key("name", "mlp_mixer", (str,), "the model's name"),

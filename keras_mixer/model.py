@@ -64,6 +64,22 @@ def _check_image_shape(image_shape, patch_size):
     return image_shape
 
 
+def _check_normalization(mean, std, channels, include_preprocessing):
+    """(mean, std) as lists of `channels` floats, or (None, None)."""
+    if mean is None and std is None:
+        return None, None
+    if mean is None or std is None:
+        raise ValueError("Give both `pixel_mean` and `pixel_std` (per channel, in [0, 1] units), or neither.")
+    if not include_preprocessing:
+        raise ValueError("`pixel_mean` and `pixel_std` need include_preprocessing=True: they say how the "
+                         "model normalises raw pixels.")
+    mean, std = [float(v) for v in mean], [float(v) for v in std]
+    if len(mean) != channels or len(std) != channels or min(std) <= 0:
+        raise ValueError(f"`pixel_mean` and `pixel_std` need {channels} values each (one per channel, std > 0); "
+                         f"got {mean} and {std}.")
+    return mean, std
+
+
 def _head_dtype(dtype):
     """The head's policy: under a mixed policy (e.g. "mixed_bfloat16") it
     computes in the variable dtype, so logits stay float32 for softmax,
@@ -134,6 +150,10 @@ class MLPMixer(keras.Model):
             [0, 255] and scales them to [-1, 1] itself, so exported files
             take raw pixels. False: it takes [-1, 1] inputs, as the
             official code does.
+        pixel_mean, pixel_std: None (the official [-1, 1] scaling, i.e. 0.5
+            and 0.5), or per-channel lists in [0, 1] units, as timm's
+            `pretrained_cfg` gives them: the model then computes
+            (pixels / 255 - mean) / std. Only with `include_preprocessing`.
         seed: int or None, the seed of the stochastic depth layers.
         remat: bool, recompute each Mixer block in the backward pass instead
             of keeping its activations (gradient checkpointing with
@@ -166,6 +186,8 @@ class MLPMixer(keras.Model):
         layer_norm_epsilon=1e-6,
         gelu_approximate=True,
         include_preprocessing=True,
+        pixel_mean=None,
+        pixel_std=None,
         seed=None,
         remat=False,
         dtype=None,
@@ -195,9 +217,16 @@ class MLPMixer(keras.Model):
         # === Functional graph ===
         inputs = keras.Input(shape=image_shape, name="images")
         x = inputs
-        if include_preprocessing:
+        pixel_mean, pixel_std = _check_normalization(pixel_mean, pixel_std, image_shape[2], include_preprocessing)
+        if include_preprocessing and pixel_mean is None:
             x = layers.Rescaling(
                 scale=1.0 / 127.5, offset=-1.0, dtype=dtype, name="rescaling"
+            )(x)
+        elif include_preprocessing:
+            # (x / 255 - mean) / std as one multiply-add per channel.
+            x = layers.Rescaling(
+                scale=[1.0 / (255.0 * s) for s in pixel_std],
+                offset=[-m / s for m, s in zip(pixel_mean, pixel_std)], dtype=dtype, name="rescaling",
             )(x)
         x = layers.Conv2D(
             hidden_dim,
@@ -259,6 +288,7 @@ class MLPMixer(keras.Model):
         self.layer_norm_epsilon = float(layer_norm_epsilon)
         self.gelu_approximate = bool(gelu_approximate)
         self.include_preprocessing = bool(include_preprocessing)
+        self.pixel_mean, self.pixel_std = pixel_mean, pixel_std
         self.seed = seed
         self.remat = bool(remat)
         self.num_tokens = num_tokens
@@ -358,6 +388,29 @@ class MLPMixer(keras.Model):
             pretrained_image_shape=pretrained_image_shape, **overrides
         )
 
+    @staticmethod
+    def from_timm(source, num_classes=None, image_shape=None, **overrides):
+        """Builds an `MLPMixer` from timm weights, the variant read from their shapes.
+
+        Args:
+            source: "hf://<org>/<repo>" (e.g.
+                "hf://timm/mixer_b16_224.goog_in21k_ft_in1k", read through
+                `huggingface_hub` and its cache), a folder with timm's
+                `model.safetensors` (or `pytorch_model.bin`) and
+                `config.json`, or a weights file.
+            num_classes: None keeps the file's head; another count gets a
+                zero head.
+            image_shape: default: `pretrained_cfg.input_size`; a multiple of
+                it adapts the token-mixing MLPs (Appendix C).
+            **overrides: other `MLPMixer` arguments. The normalisation
+                (`pixel_mean`, `pixel_std`) comes from `pretrained_cfg`, so the
+                model takes raw [0, 255] pixels exactly as timm's transforms
+                feed that file; GELU is timm's exact one.
+        """
+        from keras_mixer import weights
+
+        return weights.from_timm(source, num_classes=num_classes, image_shape=image_shape, **overrides)
+
     def enable_lora(self, rank, target_names=None, alpha=None):
         """LoRA: rank-`rank` adapters on the token- and channel-mixing `Dense`
         layers (or those whose path ends with one of `target_names`), all else
@@ -384,7 +437,7 @@ class MLPMixer(keras.Model):
             "image_shape", "patch_size", "num_blocks", "hidden_dim",
             "tokens_mlp_dim", "channels_mlp_dim", "num_classes", "dropout_rate",
             "stochastic_depth_rate", "layer_norm_epsilon", "gelu_approximate",
-            "include_preprocessing", "seed", "remat", "dtype", "name",
+            "include_preprocessing", "pixel_mean", "pixel_std", "seed", "remat", "dtype", "name",
         )
 
     def get_config(self):
@@ -404,6 +457,8 @@ class MLPMixer(keras.Model):
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "gelu_approximate": self.gelu_approximate,
             "include_preprocessing": self.include_preprocessing,
+            "pixel_mean": self.pixel_mean,
+            "pixel_std": self.pixel_std,
             "seed": self.seed,
             "remat": self.remat,
         }

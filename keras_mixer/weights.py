@@ -23,6 +23,7 @@ import re
 import keras
 import numpy as np
 
+from keras_mixer import hub
 from keras_mixer import npz
 from keras_mixer import released
 from keras_mixer.model import MLPMixer
@@ -238,9 +239,10 @@ def load_timm(model, source):
 
     Args:
         model: `MLPMixer` with `gelu_approximate=False` (timm's GELU).
-        source: a mapping of arrays (a `state_dict`), or the path of a
+        source: a mapping of arrays (a `state_dict`), the path of a
             `.safetensors` or `.pth` file (read with
-            `torch.load(weights_only=True)`).
+            `torch.load(weights_only=True)`), a timm folder or an
+            "hf://<org>/<repo>" id (`keras_mixer.hub`).
 
     Example:
     >>> model = MLPMixer.from_variant("B/16", gelu_approximate=False)
@@ -254,7 +256,7 @@ def load_timm(model, source):
             "gelu_approximate=False."
         )
     if not hasattr(source, "items"):
-        source = _read_timm_file(source)
+        source = _read_timm_file(hub.timm_files(source).weights)
     _load_params(model, timm_to_official(source))
 
 
@@ -535,3 +537,21 @@ def from_checkpoint(source, num_classes=None, image_shape=None, pretrained_image
     params, config = _adapt(params, config, image_shape if image_shape is not None else base_shape)
     config["num_classes"] = num_classes
     return _build(config, _set_head(params, config, num_classes))
+
+
+def from_timm(source, num_classes=None, image_shape=None, **overrides):
+    """Builds the `MLPMixer` of timm weights; see `MLPMixer.from_timm`."""
+    files = hub.timm_files(source)
+    params = timm_to_official(_read_timm_file(files.weights))
+    cfg = files.pretrained_cfg
+    pretrained_image_shape = None
+    if cfg.get("input_size"):
+        channels, height, width = cfg["input_size"]
+        pretrained_image_shape = (height, width, channels)
+        image_shape = pretrained_image_shape if image_shape is None else image_shape
+    if "mean" in cfg and "std" in cfg and "pixel_mean" not in overrides:
+        # The normalisation these weights were trained with.
+        overrides.update(pixel_mean=list(cfg["mean"]), pixel_std=list(cfg["std"]))
+    overrides.setdefault("gelu_approximate", False)  # timm's exact GELU
+    return from_checkpoint(params, num_classes=num_classes, image_shape=image_shape,
+                           pretrained_image_shape=pretrained_image_shape, **overrides)
