@@ -79,6 +79,9 @@ def test_pth_folders_files_and_overrides(tmp_path):
     target = fixture_model(config, num_classes=config["num_classes"], gelu_approximate=False)
     load_timm(target, tmp_path / "bin")
     np.testing.assert_allclose(to_numpy(target(arrays["inputs"])), arrays["logits"], atol=1e-6)
+    # Twice the pretrained size adapts the token-mixing MLPs (Appendix C); the normalisation stays.
+    big = MLPMixer.from_timm(tmp_path / "bin", image_shape=(64, 64, 3))
+    assert big.num_tokens == 256 and big.pixel_std == pytest.approx(IMAGENET[1])
     with pytest.raises(FileNotFoundError, match="holds neither model.safetensors nor pytorch_model.bin"):
         MLPMixer.from_timm(tmp_path)
 
