@@ -54,17 +54,18 @@ def _top1(model, images):
 def measure(name, path, images, batch, out):
     """Rows for the float model at `path` and its int8 and int4 copies."""
     rows, reference = [], None
+    slug = name.replace("/", "").replace(" ", "_")  # "S/16 224" -> "S16_224"
     for mode in ("float32", *quantize.MODES):
         model = keras.saving.load_model(path, compile=False)
         if mode != "float32":
             quantize.quantize(model, mode)
-        saved = out / f"{name}_{mode}.keras"
+        saved = out / f"{slug}_{mode}.keras"
         model.save(saved)
         top1 = _top1(model, images)
         reference = top1 if reference is None else reference
         rows.append((name, mode, saved.stat().st_size, _images_per_second(model, images, batch),
                      float(np.mean(top1 == reference))))
-    report = export.export(path, out / f"{name}_litert", ["tflite"], ["int8"], representative_data=images)
+    report = export.export(path, out / f"{slug}_litert", ["tflite"], ["int8"], representative_data=images)
     entry = report["files"][0]
     rows.append((name, "LiteRT int8", entry["size_bytes"], 1e3 / entry["latency_ms_per_image"],
                  entry["top1_agreement"]))
