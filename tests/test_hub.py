@@ -67,6 +67,7 @@ def test_a_timm_folder_loads_with_its_own_normalisation(mean, std, tmp_path):
 
 
 def test_pth_folders_files_and_overrides(tmp_path):
+    pytest.importorskip("torch")  # pytorch_model.bin (the Colab lane has no torch)
     arrays = _timm_checkpoint(tmp_path / "bin", *IMAGENET, weights="pytorch_model.bin")
     model = MLPMixer.from_timm(tmp_path / "bin", num_classes=3)
     assert model.num_classes == 3 and not to_numpy(model.get_layer("head").kernel).any()  # a zero head
