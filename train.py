@@ -176,23 +176,26 @@ def main(argv=None):
             f"{results['seconds']:.0f} s on {results['backend']}"
         )
     print(f"saved {os.path.join(workdir, 'model.keras')} and {os.path.join(workdir, 'log.csv')}")
-    if args.quantize and placement.is_chief:
+    if (args.quantize or args.export) and placement.is_chief:
         from keras_mixer import data
+
+        # Evaluation images, read once: the quantized model's agreement check,
+        # int8 calibration and the export checks.
+        images = data.representative_images(config_lib.resolve(config))
+    if args.quantize and placement.is_chief:
         from keras_mixer import quantize
 
-        report = quantize.quantize_file(os.path.join(workdir, "model.keras"), args.quantize,
-                                        data.representative_images(config_lib.resolve(config)))
+        report = quantize.quantize_file(os.path.join(workdir, "model.keras"), args.quantize, images)
         print(quantize.describe(report))
         results["quantized"] = report
     if args.export and placement.is_chief:
-        from keras_mixer import data
         from keras_mixer import export
 
         try:
             report = export.export(
                 os.path.join(workdir, "model.keras"), os.path.join(workdir, "export"),
                 args.export, args.quantization,
-                representative_data=data.representative_images(config_lib.resolve(config)),
+                representative_data=images,
             )
         except export.ExportError as error:
             print(f"export failed: {error}", file=sys.stderr)

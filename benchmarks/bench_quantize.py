@@ -48,10 +48,6 @@ def _images_per_second(model, images, batch):
     return len(images) / float(np.median(times))
 
 
-def _top1(model, images):
-    return keras.ops.convert_to_numpy(model.predict(images, batch_size=64, verbose=0)).argmax(-1)
-
-
 def measure(name, path, images, batch, out):
     """Rows for the float model at `path` and its int8 and int4 copies."""
     rows, reference = [], None
@@ -62,7 +58,7 @@ def measure(name, path, images, batch, out):
             quantize.quantize(model, mode)
         saved = out / f"{slug}_{mode}.keras"
         model.save(saved)
-        top1 = _top1(model, images)
+        top1 = quantize.top1(model, images)
         reference = top1 if reference is None else reference
         rows.append((name, mode, saved.stat().st_size, _images_per_second(model, images, batch),
                      float(np.mean(top1 == reference))))

@@ -102,10 +102,9 @@ def load_lora_weights(model, path):
         raise ValueError(f"{path} holds rank-{header['rank']} adapters on {header['targets']}; this model has "
                          f"rank {model.lora_rank} on {model.lora_targets}.")
     variables = {v.path: v for v in model.trainable_variables}
-    problems = [f"missing {k}" for k in variables if k not in arrays]
-    problems += [f"unexpected {k}" for k in arrays if k not in variables]
-    problems += [f"{k}: file {arrays[k].shape}, model {tuple(v.shape)}" for k, v in variables.items()
-                 if k in arrays and tuple(arrays[k].shape) != tuple(v.shape)]
+    missing, unexpected, wrong = npz.shape_differences({k: v.shape for k, v in variables.items()}, arrays)
+    problems = [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected]
+    problems += [f"{k}: file {found}, model {shape}" for k, found, shape in wrong]
     if problems:
         raise ValueError(f"{path} does not fit this model ({len(problems)} problem(s)): " + "; ".join(problems[:5]))
     for key, variable in variables.items():

@@ -43,6 +43,22 @@ def read(path):
         ) from None
 
 
+def shape_differences(expected, arrays):
+    """What keeps `arrays` ({key: array}) from being exactly `expected` ({key: shape}).
+
+    Returns:
+        (missing keys, unexpected keys, [(key, found shape, expected shape)]):
+        missing and wrong shapes in `expected`'s order, unexpected keys in
+        `arrays`' order. Official checkpoints, released files and LoRA files
+        are all checked with it.
+    """
+    missing = [key for key in expected if key not in arrays]
+    unexpected = [key for key in arrays if key not in expected]
+    wrong = [(key, tuple(np.shape(arrays[key])), tuple(shape)) for key, shape in expected.items()
+             if key in arrays and tuple(np.shape(arrays[key])) != tuple(shape)]
+    return missing, unexpected, wrong
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)

@@ -50,7 +50,8 @@ def quantize(model, mode):
     return model
 
 
-def _top1(model, images):
+def top1(model, images):
+    """`model`'s top-1 class of each image."""
     import keras
 
     return np.asarray(keras.ops.convert_to_numpy(model.predict(images, batch_size=64, verbose=0))).argmax(-1)
@@ -77,9 +78,9 @@ def quantize_file(path, mode, images, out_path=None):
     out_path = pathlib.Path(out_path) if out_path else path.with_name(f"{path.stem}_{mode}.keras")
     model = checkpoint.load_model(path)
     images = np.asarray(images, "float32")
-    expected = _top1(model, images)
+    expected = top1(model, images)
     quantize(model, mode)
-    agreement = float(np.mean(_top1(model, images) == expected))
+    agreement = float(np.mean(top1(model, images) == expected))
     checkpoint.save_model(model, out_path)
     return {"file": str(out_path), "mode": mode, "size_bytes": out_path.stat().st_size,
             "float_size_bytes": path.stat().st_size, "top1_agreement": agreement, "images": len(images)}

@@ -167,12 +167,10 @@ def check_release(name, params, origin):
     prefix = "params/"
     if params and all(k.startswith(prefix) for k in params):
         params = {k[len(prefix):]: v for k, v in params.items()}
-    expected = release.shapes()
+    missing, unexpected, wrong = npz.shape_differences(release.shapes(), params)
     # Wrong shapes say most about what the file is; they come first.
-    problems = [f"{k} is {tuple(params[k].shape)}, not {shape}"
-                for k, shape in expected.items() if k in params and tuple(params[k].shape) != shape]
-    problems += [f"no {k}" for k in expected if k not in params]
-    problems += [f"unexpected {k}" for k in params if k not in expected]
+    problems = [f"{k} is {found}, not {shape}" for k, found, shape in wrong]
+    problems += [f"no {k}" for k in missing] + [f"unexpected {k}" for k in unexpected]
     if problems:
         more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise ValueError(

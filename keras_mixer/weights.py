@@ -76,14 +76,9 @@ def _load_params(model, params):
         params = {k: v for k, v in params.items() if not k.startswith("head/")}
     variables = official_variables(model)
 
-    missing = sorted(set(variables) - set(params))
-    unexpected = sorted(set(params) - set(variables))
-    mismatched = [
-        f"{key}: checkpoint {tuple(np.shape(params[key]))} vs model "
-        f"{tuple(variables[key].shape)}"
-        for key in sorted(set(params) & set(variables))
-        if tuple(np.shape(params[key])) != tuple(variables[key].shape)
-    ]
+    missing, unexpected, wrong = npz.shape_differences({k: v.shape for k, v in variables.items()}, params)
+    missing, unexpected = sorted(missing), sorted(unexpected)
+    mismatched = [f"{key}: checkpoint {found} vs model {shape}" for key, found, shape in sorted(wrong)]
     if missing or unexpected or mismatched:
         lines = [
             f"The parameters do not fit this {model.name} "
