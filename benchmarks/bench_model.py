@@ -12,19 +12,24 @@ backend's reference in the same process, alternating between them:
   official fixture before any timing), with optax Adam.
 - TensorFlow: the same math written in plain TensorFlow, compiled with XLA
   (`tf.function(jit_compile=True)`), with a hand-written Adam update.
-- PyTorch: timm's `MlpMixer` (exact GELU, as timm has it) with torch.optim.Adam.
-  With `--torch_compile`, also keras-mixer compiled with `jit_compile=True`
-  (torch.compile with Inductor) as "keras_tc"; the default is eager, as
-  `train.py` runs it.
+- PyTorch: the same math in eager `torch.nn.functional` ("torch_fn":
+  `F.linear`, `F.layer_norm`, tanh GELU, per-block weights, as timm's
+  `MlpMixer` computes it), with torch.optim.Adam. `--torch_reference timm`
+  takes timm's `MlpMixer` instead (exact GELU, as timm has it; keras-mixer
+  is then built with `gelu_approximate=False`, the same math; timm needs a
+  torchvision built for the installed torch). With `--torch_compile`, also
+  keras-mixer compiled with `jit_compile=True` (torch.compile with
+  Inductor) as "keras_tc"; the default is eager, as `train.py` runs it.
 
-Both sides of a pair run the same shapes, batch, dtype and GELU: against
-timm, keras-mixer is built with `gelu_approximate=False` (timm's exact
-GELU, as for timm weights); elsewhere with the official tanh GELU, which
-on PyTorch's CPU kernels took 2.1x the time of the exact one. "infer" is a
-forward pass; "train" is a full step: forward, backward, Adam update.
-keras-mixer's train step is `model.train_on_batch` after `compile` with
-`train.py`'s `jit_compile` (XLA on JAX and TensorFlow), its inference
-`model.predict_on_batch`. bfloat16 is
+Both sides of a pair run the same shapes, batch, dtype and GELU. Modes:
+"infer" is a forward pass (keras-mixer: `model.predict_on_batch`);
+"predict" is `model.predict` over `PREDICT_BATCHES` batches, the call a
+notebook makes (the references run their forward pass as often); "train" is
+a full step: forward, backward, Adam update (`model.train_on_batch`).
+"keras" is compiled as `train.py` compiles it (`optim.compile_model`'s
+`jit_compile`); "keras_plain" as a notebook user writes it, a plain
+`model.compile(optimizer=Adam, loss=...)` with every other argument at its
+default (`MLPMixer.compile`'s). bfloat16 is
 Keras' "mixed_bfloat16" policy (float32 variables, bfloat16 compute), Flax
 `dtype=bfloat16`, TensorFlow bfloat16 casts, and `torch.autocast`.
 
@@ -54,7 +59,10 @@ from shapes import arch  # noqa: E402
 from shapes import forward_flops  # noqa: E402
 from shapes import num_tokens  # noqa: E402
 
-REFERENCES = {"jax": "flax", "tensorflow": "tf_xla", "torch": "timm"}
+REFERENCES = {"jax": "flax", "tensorflow": "tf_xla", "torch": "torch_fn"}
+# "predict" mode: `model.predict` over this many batches per call (a small
+# test set), the references' forward pass as often.
+PREDICT_BATCHES = 4
 
 
 def _data(cfg, seed=0):
@@ -66,11 +74,24 @@ def _data(cfg, seed=0):
     return images, labels
 
 
+def _repeated(forward):
+    """A reference's "predict": its forward pass once per batch of keras-mixer's call."""
+    def run():
+        for _ in range(PREDICT_BATCHES):
+            out = forward()
+        return out
+
+    return run
+
+
 # --- keras-mixer -------------------------------------------------------------
 
 
-def keras_runner(cfg, dtype, gelu_approximate=True, jit_compile=None):
+def keras_runner(cfg, dtype, gelu_approximate=True, jit_compile=None, plain=False):
+    """keras-mixer compiled as `train.py` compiles it, or with `plain` as a
+    notebook does: `model.compile(optimizer, loss)` and nothing else."""
     import keras
+    import numpy as np
 
     from keras_mixer import MLPMixer
     from keras_mixer import distribute
@@ -78,11 +99,16 @@ def keras_runner(cfg, dtype, gelu_approximate=True, jit_compile=None):
     keras.config.set_dtype_policy("mixed_bfloat16" if dtype == "bfloat16" else "float32")
     model = MLPMixer(**arch(cfg), gelu_approximate=gelu_approximate)
     keras.config.set_dtype_policy("float32")
-    # XLA as `train.py` compiles (Keras' "auto" leaves TensorFlow on CPU without it).
+    settings = {}
+    if not plain:
+        # XLA as `train.py` compiles (Keras' "auto" leaves TensorFlow on CPU without it).
+        settings["jit_compile"] = distribute.jit_compile_setting() if jit_compile is None else jit_compile
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=distribute.jit_compile_setting() if jit_compile is None else jit_compile)
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), **settings)
     images, labels = _data(cfg)
+    # On the backend's device, as the references hold theirs: on a GPU, numpy
+    # inputs would add a host-to-device copy of the batch to every step.
+    images, labels = keras.ops.convert_to_tensor(images), keras.ops.convert_to_tensor(labels)
 
     def train():
         return model.train_on_batch(images, labels)
@@ -90,7 +116,12 @@ def keras_runner(cfg, dtype, gelu_approximate=True, jit_compile=None):
     def infer():
         return keras.ops.convert_to_numpy(model.predict_on_batch(images))
 
-    return {"train": train, "infer": infer}
+    many = np.concatenate([keras.ops.convert_to_numpy(images)] * PREDICT_BATCHES)
+
+    def predict():
+        return model.predict(many, batch_size=len(images), verbose=0)
+
+    return {"train": train, "infer": infer, "predict": predict}
 
 
 # --- References ----------------------------------------------------------------
@@ -135,7 +166,7 @@ def flax_runner(cfg, dtype):
     def infer():
         return forward(state["params"], images).block_until_ready()
 
-    return {"train": train, "infer": infer}
+    return {"train": train, "infer": infer, "predict": _repeated(infer)}
 
 
 def tf_xla_runner(cfg, dtype):
@@ -207,27 +238,38 @@ def tf_xla_runner(cfg, dtype):
         return loss
 
     forward = tf.function(model, jit_compile=True)
-    return {"train": lambda: float(step(images, labels)), "infer": lambda: forward(images).numpy()}
+    infer = lambda: forward(images).numpy()  # noqa: E731
+    return {"train": lambda: float(step(images, labels)), "infer": infer, "predict": _repeated(infer)}
+
+
+def _torch_device():
+    """"cuda" where PyTorch sees a GPU (as Keras' PyTorch backend then uses), else "cpu"."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def timm_runner(cfg, dtype):
     import torch
     from timm.models.mlp_mixer import MlpMixer
 
+    device = _torch_device()
+
     model = MlpMixer(
         num_classes=cfg["num_classes"], img_size=cfg["image_shape"][0], patch_size=cfg["patch_size"],
         num_blocks=cfg["num_blocks"], embed_dim=cfg["hidden_dim"],
         mlp_ratio=(cfg["tokens_mlp_dim"] / cfg["hidden_dim"], cfg["channels_mlp_dim"] / cfg["hidden_dim"]),
     )
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     images, labels = _data(cfg)
-    x = torch.from_numpy(images / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()
-    y = torch.from_numpy(labels).long()
+    x = torch.from_numpy(images / 127.5 - 1.0).float().permute(0, 3, 1, 2).contiguous().to(device)
+    y = torch.from_numpy(labels).long().to(device)
     autocast = dtype == "bfloat16"
 
     def train():
         model.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -236,13 +278,75 @@ def timm_runner(cfg, dtype):
 
     def infer():
         model.eval()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            return model(x).float().numpy()
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            return model(x).float().cpu().numpy()
 
-    return {"train": train, "infer": infer}
+    return {"train": train, "infer": infer, "predict": _repeated(infer)}
 
 
-RUNNERS = {"keras": keras_runner, "flax": flax_runner, "tf_xla": tf_xla_runner, "timm": timm_runner}
+def torch_fn_runner(cfg, dtype):
+    """The official math in eager `torch.nn.functional`, per-block weights:
+    the code a PyTorch user writes by hand (timm's `MlpMixer` computes the
+    same, with the exact GELU)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    device = _torch_device()
+    tokens = num_tokens(cfg)
+    c, p = cfg["hidden_dim"], cfg["patch_size"]
+
+    def param(*shape, fan_in=None, fill=0.0):
+        value = torch.randn(*shape) / fan_in ** 0.5 if fan_in else torch.full(shape, fill)
+        return torch.nn.Parameter(value.to(device))
+
+    weights = {"stem_w": param(c, 3, p, p, fan_in=3 * p * p), "stem_b": param(c)}
+    for i in range(cfg["num_blocks"]):
+        for n in ("ln0", "ln1"):
+            weights[f"{i}{n}_g"], weights[f"{i}{n}_b"] = param(c, fill=1.0), param(c)
+        for name, width, hidden in (("tok", tokens, cfg["tokens_mlp_dim"]), ("ch", c, cfg["channels_mlp_dim"])):
+            weights[f"{i}{name}_w0"], weights[f"{i}{name}_b0"] = param(hidden, width, fan_in=width), param(hidden)
+            weights[f"{i}{name}_w1"], weights[f"{i}{name}_b1"] = param(width, hidden, fan_in=hidden), param(width)
+    weights["ln_g"], weights["ln_b"] = param(c, fill=1.0), param(c)
+    weights["head_w"], weights["head_b"] = param(cfg["num_classes"], c), param(cfg["num_classes"])
+    w = weights
+
+    def mlp(x, prefix):
+        y = F.gelu(F.linear(x, w[prefix + "_w0"], w[prefix + "_b0"]), approximate="tanh")
+        return F.linear(y, w[prefix + "_w1"], w[prefix + "_b1"])
+
+    def model(x):
+        x = F.conv2d(x, w["stem_w"], w["stem_b"], stride=p).flatten(2).transpose(1, 2)
+        for i in range(cfg["num_blocks"]):
+            y = F.layer_norm(x, (c,), w[f"{i}ln0_g"], w[f"{i}ln0_b"], 1e-6)
+            x = x + mlp(y.transpose(1, 2), f"{i}tok").transpose(1, 2)
+            x = x + mlp(F.layer_norm(x, (c,), w[f"{i}ln1_g"], w[f"{i}ln1_b"], 1e-6), f"{i}ch")
+        x = F.layer_norm(x, (c,), w["ln_g"], w["ln_b"], 1e-6).mean(1)
+        return F.linear(x, w["head_w"], w["head_b"])
+
+    optimizer = torch.optim.Adam(weights.values(), lr=1e-3)
+    images, labels = _data(cfg)
+    x = torch.from_numpy(images / 127.5 - 1.0).float().permute(0, 3, 1, 2).contiguous().to(device)
+    y = torch.from_numpy(labels).long().to(device)
+    autocast = dtype == "bfloat16"
+
+    def train():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            loss = F.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return float(loss)
+
+    def infer():
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            return model(x).float().cpu().numpy()
+
+    return {"train": train, "infer": infer, "predict": _repeated(infer)}
+
+
+RUNNERS = {"keras": keras_runner, "flax": flax_runner, "tf_xla": tf_xla_runner, "timm": timm_runner,
+           "torch_fn": torch_fn_runner}
 
 
 def _time(fn, steps):
@@ -254,9 +358,12 @@ def _time(fn, steps):
     return (time.perf_counter() - begin) / steps
 
 
-def worker(backend, configs, dtypes, modes, repeats, steps, torch_compile=False):
+def worker(backend, configs, dtypes, modes, repeats, steps, torch_compile=False,
+           torch_reference="torch_fn", plain=True):
     """Runs in a subprocess with KERAS_BACKEND=backend; prints one JSON line per result."""
     import gemm_peak
+
+    REFERENCES["torch"] = torch_reference
 
     if backend == "jax":
         import flax_reference
@@ -270,17 +377,20 @@ def worker(backend, configs, dtypes, modes, repeats, steps, torch_compile=False)
             peak = gemm_peak.measure(backend, dtype)
             # Same math on both sides: timm has the exact GELU, the official
             # model (Flax, and the TF code written after it) the tanh one.
-            runners = {"keras": keras_runner(cfg, dtype, gelu_approximate=backend != "torch"),
+            gelu_approximate = REFERENCES[backend] != "timm"
+            runners = {"keras": keras_runner(cfg, dtype, gelu_approximate),
                        REFERENCES[backend]: RUNNERS[REFERENCES[backend]](cfg, dtype)}
+            if plain:
+                runners["keras_plain"] = keras_runner(cfg, dtype, gelu_approximate, plain=True)
             if torch_compile and backend == "torch":
                 # keras-mixer under `jit_compile=True`: torch.compile (Inductor).
-                runners["keras_tc"] = keras_runner(cfg, dtype, gelu_approximate=False,
-                                                   jit_compile=True)
+                runners["keras_tc"] = keras_runner(cfg, dtype, gelu_approximate, jit_compile=True)
             for mode in modes:
                 samples = {impl: [] for impl in runners}
                 for _ in range(repeats):  # alternate: both see the same machine state
                     for impl, fns in runners.items():
-                        samples[impl].append(cfg["batch"] / _time(fns[mode], steps))
+                        batches = PREDICT_BATCHES if mode == "predict" else 1
+                        samples[impl].append(batches * cfg["batch"] / _time(fns[mode], steps))
                 for impl, values in samples.items():
                     print("RESULT " + json.dumps(dict(
                         backend=backend, impl=impl, config=name, dtype=dtype, mode=mode,
@@ -290,7 +400,7 @@ def worker(backend, configs, dtypes, modes, repeats, steps, torch_compile=False)
 
 
 def table(results):
-    rows = [f"{'backend':<10} {'malloc':<7} {'config':<6} {'dtype':<9} {'mode':<6} {'impl':<8} "
+    rows = [f"{'backend':<10} {'malloc':<7} {'config':<6} {'dtype':<9} {'mode':<7} {'impl':<11} "
             f"{'img/s median':>12} {'(min-max)':>15} {'x ref':>6} {'GFLOP/s':>8} {'% peak':>7}"]
     for r in results:
         reference = REFERENCES[r["backend"]]
@@ -302,7 +412,7 @@ def table(results):
         ratio = f"{median / statistics.median(ref['images_per_second']):.2f}" if ref else ""
         gflops = median * r["gflop_per_image"]
         rows.append(
-            f"{r['backend']:<10} {r['malloc']:<7} {r['config']:<6} {r['dtype']:<9} {r['mode']:<6} {r['impl']:<8} "
+            f"{r['backend']:<10} {r['malloc']:<7} {r['config']:<6} {r['dtype']:<9} {r['mode']:<7} {r['impl']:<11} "
             f"{median:>12.1f} {min(r['images_per_second']):>7.1f}-{max(r['images_per_second']):<7.1f} "
             f"{ratio:>6} {gflops:>8.1f} {100 * gflops / r['peak_gflops']:>6.0f}%"
         )
@@ -314,7 +424,12 @@ def main(argv=None):
     parser.add_argument("--backends", nargs="+", default=["jax", "tensorflow", "torch"])
     parser.add_argument("--configs", nargs="+", default=["small"], choices=sorted(CONFIGS))
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--modes", nargs="+", default=["infer", "train"])
+    parser.add_argument("--modes", nargs="+", default=["infer", "predict", "train"],
+                        choices=["infer", "predict", "train"])
+    parser.add_argument("--torch_reference", choices=["torch_fn", "timm"], default="torch_fn",
+                        help="PyTorch's reference: the same math in torch.nn.functional, or timm")
+    parser.add_argument("--no_plain", action="store_true",
+                        help="leave out keras_plain (the plain model.compile() of a notebook)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument(
@@ -330,8 +445,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, args.configs, args.dtypes, args.modes, args.repeats, args.steps,
-               args.torch_compile)
+               args.torch_compile, args.torch_reference, not args.no_plain)
         return
+    REFERENCES["torch"] = args.torch_reference
     import machine
 
     print(machine.describe(), flush=True)
@@ -346,6 +462,9 @@ def main(argv=None):
                        "--repeats", str(args.repeats), "--steps", str(args.steps)]
             if args.torch_compile:
                 command.append("--torch_compile")
+            if args.no_plain:
+                command.append("--no_plain")
+            command += ["--torch_reference", args.torch_reference]
             env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
             env.pop("GLIBC_TUNABLES", None)
             if malloc == "tuned":

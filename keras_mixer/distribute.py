@@ -400,9 +400,11 @@ def _setup_jax(mode, model_parallel_size):
 
 
 def jit_compile_setting(placement=None):
-    """The `jit_compile` argument `optim.compile_model` gives `model.compile`.
+    """The `jit_compile` argument `optim.compile_model` gives `model.compile`,
+    and what `MLPMixer.compile` makes of `jit_compile="auto"`.
 
-    True (XLA) on TensorFlow without a distribution strategy, Keras' "auto"
+    True (XLA) on TensorFlow without a distribution strategy (`placement`'s,
+    or, without a placement, one whose scope is open), Keras' "auto"
     elsewhere. Public so that benchmarks and notebooks compile a model as
     `train.py` does.
     """
@@ -414,7 +416,11 @@ def jit_compile_setting(placement=None):
     # TPUs compile anyway: leave it to Keras there.
     if keras.backend.backend() != "tensorflow":
         return "auto"
-    return "auto" if placement is not None and placement.strategy is not None else True
+    if placement is None:
+        import tensorflow as tf
+
+        return "auto" if tf.distribute.has_strategy() else True
+    return "auto" if placement.strategy is not None else True
 
 
 def variable_to_numpy(variable):

@@ -1,7 +1,9 @@
 """The building blocks of MLP-Mixer: `MLPBlock`, `MixerBlock`, `StochasticDepth`, `LayerNorm`.
 
-Written with `keras.ops` only, so the same code runs on the JAX, TensorFlow
-and PyTorch backends. Reference: Tolstikhin et al., 2021, "MLP-Mixer: An
+Written with `keras.ops`, so the same code runs on the JAX, TensorFlow
+and PyTorch backends. One exception, measured: on PyTorch the MLPs' Dense
+layers compute `torch.addmm` (`_dense`), the same numbers with the bias
+fused into the matmul. Reference: Tolstikhin et al., 2021, "MLP-Mixer: An
 all-MLP Architecture for Vision" (arXiv 2105.01601), and the official Flax
 module `vit_jax/models_mixer.py`.
 """
@@ -157,6 +159,30 @@ class StochasticDepth(layers.Layer):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
+def _dense(layer, x):
+    """`layer(x)` for a built float `Dense` and a 2D `x`.
+
+    On PyTorch one `torch.addmm`, the bias added inside the matmul, the
+    way `torch.nn.Linear` computes it. `Dense` adds its bias as an op of
+    its own, and `keras.ops` has no matmul-plus-bias: in eager PyTorch
+    that add is a pass over every activation. It took a quarter of the
+    forward pass's CPU time (small config, `torch.profiler`), and with it
+    keras-mixer ran inference at 0.88x a same-math `torch.nn.functional`
+    model; `benchmarks/bench_model.py` measures both. XLA (JAX,
+    TensorFlow) fuses the add into the matmul's output on its own, so
+    other backends, and quantized or LoRA layers (whose kernels `Dense`
+    computes), call the layer. The variables are the layer's own and are
+    read inside the enclosing layer's autocast scope, as `Dense.call`
+    reads them, so mixed precision and gradients are unchanged.
+    """
+    if (keras.backend.backend() != "torch" or layer.quantization_mode is not None
+            or layer.lora_enabled or layer.bias is None):
+        return layer(x)
+    import torch
+
+    return torch.addmm(layer.bias, x, layer.kernel)
+
+
 @keras.saving.register_keras_serializable(package="keras_mixer")
 class MLPBlock(layers.Layer):
     """Dense -> GELU -> Dense over the last axis, as in the official `MlpBlock`.
@@ -236,11 +262,11 @@ class MLPBlock(layers.Layer):
         # JAX, 2 cores); `benchmarks/bench_model.py` measures it.
         shape = ops.shape(inputs)
         x = ops.reshape(inputs, (-1, shape[-1]))
-        x = self.dense_0(x)
+        x = _dense(self.dense_0, x)
         x = ops.gelu(x, approximate=self.gelu_approximate)
         if use_dropout:
             x = self.dropout(x, training=training)
-        x = self.dense_1(x)
+        x = _dense(self.dense_1, x)
         if use_dropout:
             x = self.dropout(x, training=training)
         return ops.reshape(x, shape)

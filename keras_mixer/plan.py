@@ -12,6 +12,8 @@ import dataclasses
 import logging
 import math
 
+import keras
+
 from keras_mixer import distribute
 from keras_mixer.distribute import GIB
 from keras_mixer.distribute import DeviceMemory
@@ -70,14 +72,44 @@ def memory_per_device(variant, batch_per_replica, model_parallel_size=1, image_s
                            state_bytes)
 
 
-def choose_mixed_precision(setting, memory):
-    """Whether to train in "mixed_bfloat16": `setting` when it is a bool;
-    for "auto", on TPUs and GPUs (whose matrix units run bfloat16 at 2x
-    float32 or more) and not on CPUs (where it ran slower here; see
-    docs/benchmarks.md)."""
-    if setting == "auto":
-        return memory.kind in ("tpu", "gpu")
-    return bool(setting)
+def mixed_precision_choice(setting, memory, backend=None, cpu_bf16=None):
+    """(whether to train in "mixed_bfloat16", why), for `train.py` to print.
+
+    `setting` when it is a bool. For "auto", from what was measured
+    (docs/benchmarks.md, "bfloat16"):
+    - TPUs and GPUs: yes; their matrix units run bfloat16 at 2x float32 or more.
+    - CPUs on PyTorch: only with bfloat16 matrix instructions (`cpu_bf16`:
+      AVX512-BF16 or AMX; `runtime.cpu_has_bf16_matmul` when None), where
+      a small Mixer's step ran 1.70x faster; without them PyTorch emulates
+      bfloat16 and ran at 0.02x.
+    - CPUs on JAX and TensorFlow: no. XLA:CPU converts a bfloat16 dot's
+      operands to float32, multiplies in float32 and rounds every
+      elementwise result back (`benchmarks/xla_bf16.py` prints the
+      optimised HLO), so bfloat16 only adds passes: 0.64-0.82x float32 on
+      a CPU with AVX512-BF16, 0.84-1.0x on one with AVX2 only.
+    `backend` defaults to Keras' backend.
+    """
+    if setting != "auto":
+        return bool(setting), "as the config sets it"
+    if memory.kind in ("tpu", "gpu"):
+        return True, f"bfloat16 matrix units on the {memory.kind.upper()}"
+    backend = backend or keras.backend.backend()
+    if backend == "torch":
+        if cpu_bf16 is None:
+            from keras_mixer import runtime
+
+            cpu_bf16 = runtime.cpu_has_bf16_matmul()
+        if cpu_bf16:
+            return True, "PyTorch on a CPU with bfloat16 matrix instructions (AVX512-BF16 or AMX)"
+        return False, ("PyTorch emulates bfloat16 on a CPU without AVX512-BF16 or AMX "
+                       "(0.02x float32 measured)")
+    return False, (f"XLA on the CPU ({backend}) computes bfloat16 matmuls in float32 with "
+                   "conversions around them (0.64-1.0x float32 measured)")
+
+
+def choose_mixed_precision(setting, memory, backend=None, cpu_bf16=None):
+    """Whether to train in "mixed_bfloat16": `mixed_precision_choice`'s answer."""
+    return mixed_precision_choice(setting, memory, backend, cpu_bf16)[0]
 
 
 # Of a device's memory, what the estimate may fill: activations are +-50%,

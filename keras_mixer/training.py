@@ -81,7 +81,8 @@ def _check_variant(variant, inferred, source):
 
 def choose_precision(config, placement=None, memory=None):
     """Whether `config` trains in "mixed_bfloat16" on `placement`'s devices
-    (`mixed_precision`: True, False, or "auto": on TPUs and GPUs). Set
+    (`mixed_precision`: True, False, or "auto": on TPUs and GPUs, and on
+    CPUs where it was measured faster; `plan.mixed_precision_choice`). Set
     Keras' dtype policy to match before building the model."""
     memory = memory or distribute.device_memory(placement)
     return plan_lib.choose_mixed_precision(config["mixed_precision"], memory)
@@ -170,17 +171,16 @@ def _check_workdir_config(path, config):
         )
 
 
-def _warn_if_bfloat16_is_slow(placement):
-    from keras_mixer import runtime
-
-    if placement.strategy is None and distribute.cpu_only() and not runtime.cpu_has_bf16_matmul():
+def _warn_if_bfloat16_is_slow(placement, memory):
+    """Warns when bfloat16 was asked for on a CPU where it was measured slower."""
+    if placement.strategy is not None or memory.kind != "cpu":
+        return
+    faster, why = plan_lib.mixed_precision_choice("auto", memory)
+    if not faster:
         logging.warning(
-            "mixed_precision=True on a CPU without bfloat16 matrix instructions "
-            "(AVX512-BF16 or AMX): bfloat16 is emulated there, and a Mixer ran at "
-            "0.84-1.0x its float32 speed on JAX, 0.82-0.87x on TensorFlow and 0.02x "
-            "on PyTorch (docs/benchmarks.md). Set mixed_precision=False unless this runs on a "
-            "TPU, a GPU or such a CPU."
-        )
+            "mixed_precision=True on this CPU, where bfloat16 ran slower than float32: %s "
+            "(docs/benchmarks.md). Set mixed_precision=False or \"auto\" unless this runs on "
+            "a TPU, a GPU or a CPU with bfloat16 matrix instructions on PyTorch.", why)
 
 
 def _drop_repeated_rows(path, first_epoch):
@@ -282,10 +282,15 @@ def _train_locked(config, workdir, verbose, placement):
     # A resumed run keeps the plan it started with, so that its steps,
     # schedule and states mean the same on whatever hardware it resumes.
     saved_plan = _saved_plan(workdir / "plan.json", config)
-    mixed = saved_plan["mixed_precision"] if saved_plan else choose_precision(config, memory=memory)
+    if saved_plan:
+        mixed, why = saved_plan["mixed_precision"], "as the run being resumed"
+    else:
+        mixed, why = plan_lib.mixed_precision_choice(config["mixed_precision"], memory)
+    print(f"Precision: {'mixed_bfloat16' if mixed else 'float32'} "
+          f"(mixed_precision={config['mixed_precision']}: {why}).")
     previous_policy = keras.config.dtype_policy()
     if mixed:
-        _warn_if_bfloat16_is_slow(placement)
+        _warn_if_bfloat16_is_slow(placement, memory)
         keras.config.set_dtype_policy("mixed_bfloat16")
     try:
         with placement.scope():

@@ -19,6 +19,17 @@ def checkout_pythonpath(env):
     return os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
 
 
+def once(reason):
+    """Marks a test to run in the JAX pass of `tests/run_all_backends.sh`
+    only (and in the Colab lane, which is JAX): its work does not depend on
+    this process's Keras backend, or the other backends are covered by
+    faster tests, which `reason` names. The suite runs once per backend on
+    2 CPU cores, so a test run three times for one answer costs CI three."""
+    import keras
+
+    return pytest.mark.skipif(keras.backend.backend() != "jax", reason=f"runs in the JAX pass: {reason}")
+
+
 def pytest_report_header(config):
     import keras
 

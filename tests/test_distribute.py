@@ -286,3 +286,10 @@ def test_jax_models_sync_their_trainer_state_for_states():
 def test_jit_compile_setting_is_xla_on_tensorflow_only():
     expected = True if BACKEND == "tensorflow" else "auto"
     assert distribute.jit_compile_setting() == expected
+    if BACKEND == "tensorflow":
+        # Under a tf.distribute strategy, XLA cannot reach other replicas'
+        # variables: Keras decides (MLPMixer.compile asks the same).
+        import tensorflow as tf
+
+        with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+            assert distribute.jit_compile_setting() == "auto"

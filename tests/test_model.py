@@ -10,6 +10,7 @@ from base import check_model
 from base import fixture_model
 from base import fixture_params
 from base import to_numpy
+from conftest import once
 
 
 def tiny(**kwargs):
@@ -82,6 +83,9 @@ def test_parameter_counts_with_head(name):
 
 
 @pytest.mark.slow
+@once("a count of variable shapes, built by the same code on every backend (the small "
+      "variants' counts run on each); initialising 0.2 to 0.4 billion weights three times "
+      "cost CI two minutes")
 @pytest.mark.parametrize("name, classes", [("L/32", None), ("L/16", None), ("L/16", 1000), ("H/14", None)])
 def test_parameter_counts_large(name, classes):
     model = MLPMixer.from_variant(name, num_classes=classes)
@@ -157,6 +161,38 @@ def test_model_round_trips_fits_and_saves(tmp_path):
     model = tiny(stochastic_depth_rate=0.1, dropout_rate=0.1, seed=1, gelu_approximate=False)
     reloaded = check_model(model, x, y, tmp_path)
     assert isinstance(reloaded.get_layer("block_1"), MixerBlock)
+
+
+def test_a_plain_compile_takes_xla_where_it_was_faster_and_reloads_compiled(tmp_path):
+    """`model.compile(optimizer, loss)` as a notebook writes it: XLA on JAX and
+    TensorFlow (Keras' "auto" would leave TensorFlow on CPU without it),
+    eager PyTorch; an explicit `jit_compile` or `run_eagerly` wins; a saved
+    model reloads compiled, with its optimizer state, and without Keras'
+    "compile() was not called" warning."""
+    import warnings
+
+    x = np.random.RandomState(0).uniform(0, 255, (8, 16, 16, 3)).astype("float32")
+    y = np.arange(8) % 5
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    expected = keras.backend.backend() != "torch"
+    model = tiny()
+    model.compile(optimizer="adam", loss=loss)
+    assert model.jit_compile is expected
+    model.compile(optimizer="adam", loss=loss, jit_compile=False)
+    assert model.jit_compile is False
+    model.compile(optimizer="adam", loss=loss, run_eagerly=True)
+    assert model.jit_compile is False
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss=loss)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    model.save(tmp_path / "model.keras")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        reloaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert reloaded.compiled and reloaded.jit_compile is expected
+    assert isinstance(reloaded.optimizer, keras.optimizers.SGD)
+    assert int(to_numpy(reloaded.optimizer.iterations)) == 2
+    np.testing.assert_allclose(to_numpy(reloaded.predict(x, verbose=0)),
+                               to_numpy(model.predict(x, verbose=0)), atol=1e-6)
 
 
 def _train_weights(model, x, y, steps=2):

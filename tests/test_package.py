@@ -65,18 +65,20 @@ def test_no_module_level_import_cycle():
 
 def test_layers_and_model_import_only_keras_numpy_and_stdlib():
     """The model may reach `weights` lazily, inside MLPMixer.from_checkpoint only,
-    and `lora` inside the three LoRA methods."""
+    `lora` inside the three LoRA methods, and `distribute` in `compile` (the
+    jit_compile choice)."""
     for module, allowed in (("layers", set()), ("model", {"layers"})):
         for name in imports(PACKAGE / f"{module}.py", top_level_only=True):
             root = name.split(".")[0]
             assert root in STDLIB or root in {"keras", "numpy"} or name in {
                 f"keras_mixer.{a}" for a in allowed} or name == "keras_mixer.layers", (module, name)
     lazy = package_imports("model") - package_imports("model", top_level_only=True)
-    assert lazy == {"weights", "lora"}
+    assert lazy == {"weights", "lora", "distribute"}
     tree = ast.parse((PACKAGE / "model.py").read_text())
     functions = [node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
                  and any(isinstance(n, ast.ImportFrom) for n in ast.walk(node))]
-    assert functions == ["from_checkpoint", "from_timm", "enable_lora", "save_lora_weights", "load_lora_weights"]
+    assert functions == ["compile", "from_checkpoint", "from_timm", "enable_lora", "save_lora_weights",
+                         "load_lora_weights"]
 
 
 @pytest.mark.parametrize("module, forbidden", [
@@ -110,7 +112,8 @@ def test_the_optional_readers_are_imported_lazily():
 
 def test_backend_branches_live_in_distribute():
     """Per-backend branches: distribute.py; export.py's choice of a TensorFlow
-    process; layers.py's LayerNorm kernel, which is faster on JAX written out."""
+    process; layers.py's LayerNorm kernel, which is faster on JAX written out, and
+    its fused PyTorch matmul-plus-bias (`_dense`)."""
     for module in MODULES:
         text = (PACKAGE / f"{module}.py").read_text()
         if "backend.backend() ==" in text or "backend.backend() !=" in text:

@@ -10,6 +10,7 @@ import pytest
 
 from keras_mixer import distribute
 from keras_mixer import plan as plan_lib
+from conftest import once
 
 BACKEND = keras.backend.backend()
 
@@ -116,13 +117,27 @@ def test_plan_on_gpu_cpu_and_replicas():
     assert (tiny.grad_accum_steps, tiny.mixed_precision, tiny.steps_per_execution) == (1, False, 1)
 
 
-def test_mixed_precision_auto_follows_the_device():
-    assert plan_lib.choose_mixed_precision("auto", _chip("TPU v5 lite", 16))
-    assert plan_lib.choose_mixed_precision("auto", _chip("H200", 139, kind="gpu"))
-    assert not plan_lib.choose_mixed_precision("auto", _chip("CPU", 24, kind="cpu"))
-    assert plan_lib.choose_mixed_precision(True, _chip("CPU", 24, kind="cpu"))
+def test_mixed_precision_auto_follows_the_device_and_the_backend():
+    cpu = _chip("CPU", 24, kind="cpu")
+    for backend in ("jax", "tensorflow", "torch"):
+        assert plan_lib.choose_mixed_precision("auto", _chip("TPU v5 lite", 16), backend)
+        assert plan_lib.choose_mixed_precision("auto", _chip("H200", 139, kind="gpu"), backend)
+        assert plan_lib.choose_mixed_precision(True, cpu, backend, cpu_bf16=False)
+        assert not plan_lib.choose_mixed_precision(False, _chip("H200", 139, kind="gpu"), backend)
+        assert not plan_lib.choose_mixed_precision("auto", cpu, backend, cpu_bf16=False)
+    # bfloat16 paid on a CPU only on PyTorch with AVX512-BF16 or AMX: XLA:CPU
+    # computes bfloat16 dots in float32.
+    assert plan_lib.choose_mixed_precision("auto", cpu, "torch", cpu_bf16=True)
+    for backend in ("jax", "tensorflow"):
+        use, why = plan_lib.mixed_precision_choice("auto", cpu, backend, cpu_bf16=True)
+        assert not use and "XLA on the CPU" in why and backend in why
+    assert "emulates" in plan_lib.mixed_precision_choice("auto", cpu, "torch", cpu_bf16=False)[1]
+    # Without a backend, Keras' own.
+    assert plan_lib.choose_mixed_precision("auto", cpu, cpu_bf16=True) == (keras.backend.backend() == "torch")
 
 
+@once("the plan comes from the device's memory and the config, not the backend; "
+      "training and resuming are tested on every backend in test_training")
 def test_train_prints_and_keeps_its_plan(tmp_path, capsys, monkeypatch):
     from keras_mixer import config as config_lib
     from keras_mixer import training

@@ -15,6 +15,7 @@ from keras_mixer import npz
 from keras_mixer import released
 from keras_mixer import weights
 from base import to_numpy
+from conftest import once
 
 NAME = "imagenet21k/Mixer-B_16"
 
@@ -164,6 +165,7 @@ def test_a_file_placed_by_hand_is_checked_once_then_recorded(tiny_release, tmp_p
     assert not (cache / f"{NAME}.npz").exists()
 
 
+@once("downloads and their checks are NumPy and urllib, the same on every backend")
 def test_plain_http_mirrors_are_refused_unless_opted_in(tiny_release, tmp_path, monkeypatch):
     name, path, _ = tiny_release
     monkeypatch.delenv("KERAS_MIXER_ALLOW_HTTP", raising=False)
@@ -293,6 +295,7 @@ def _user_env(home):
     return env
 
 
+@once("the download fails before any model is built")
 def test_default_cache_offline_names_the_url_and_the_file_to_place(tmp_path):
     """`MLPMixer.from_checkpoint(NAME)` as the README writes it, in a fresh
     process: no cache_dir, no KERAS_MIXER_CACHE, no KERAS_HOME."""

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import ROOT
 from conftest import subprocess_env
+from conftest import once
 from keras_mixer import runtime
 
 GLIBC_LINUX = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
@@ -50,6 +51,7 @@ def test_entry_point_re_executes_itself_once_with_the_tunables():
 
 
 @pytest.mark.skipif(not GLIBC_LINUX, reason="glibc malloc settings apply to Linux with glibc only")
+@once("train.py re-executes before it imports Keras; the subprocess runs JAX")
 @pytest.mark.parametrize("opt_out, processes", [(None, 2), ("0", 1)])
 def test_train_py_re_executes_once(tmp_path, opt_out, processes):
     env = {k: v for k, v in subprocess_env("jax").items() if k != "GLIBC_TUNABLES"}

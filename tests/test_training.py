@@ -21,6 +21,7 @@ from base import tiny_config
 from base import to_numpy
 from conftest import INSTALLED
 from conftest import ROOT
+from conftest import once
 from conftest import subprocess_env
 
 # -P: the checkout is not put on sys.path, so in the Colab lane train.py
@@ -79,7 +80,9 @@ def test_options_mixed_precision_ema_accumulation_sigmoid(tmp_path, monkeypatch,
     monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda: False)
     with caplog.at_level("WARNING"):
         results = training.train(config, tmp_path, verbose=0)
-    assert "mixed_precision=True on a CPU without bfloat16 matrix instructions" in caplog.text
+    why = "PyTorch emulates bfloat16" if keras.backend.backend() == "torch" else "XLA on the CPU"
+    assert "mixed_precision=True on this CPU, where bfloat16 ran slower" in caplog.text
+    assert why in caplog.text
     # 2 epochs of 11 updates, each averaging 2 micro-batches of 64.
     assert results["steps"] == 2 * 11
     assert np.isfinite(results["test_loss"])
@@ -128,6 +131,10 @@ def test_cifar10_finetune_runs_on_mock_data_from_a_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
+@once("on TensorFlow and PyTorch, train.py runs start to finish in "
+      "test_sigterm_and_sigkill_then_resume_match_an_uninterrupted_run and a digits "
+      "Mixer learns in test_a_digits_mixer_learns_on_every_backend; 60 epochs of PyTorch "
+      "eager cost CI 5 minutes")
 def test_train_py_reaches_98_percent_on_digits(tmp_path):
     result = run_train_py(["--workdir", str(tmp_path), "--verbose", "0", "--quantize", "int8"], timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -144,14 +151,23 @@ def test_train_py_reaches_98_percent_on_digits(tmp_path):
     assert (tmp_path / "model_int8.keras").stat().st_size < (tmp_path / "model.keras").stat().st_size
 
 
+def test_a_digits_mixer_learns_on_every_backend(trained):
+    """The export tests' shared model (conftest's `trained`: 10 epochs of
+    the digits recipe, 2 blocks of width 32) against chance (0.1): the
+    recipe trains on this backend, where the 60-epoch run to 98% runs on
+    JAX only. Measured: 0.90 on JAX, 0.82 on PyTorch."""
+    results = json.loads((trained.parent / "results.json").read_text())
+    assert results["backend"] == keras.backend.backend()
+    assert results["test_accuracy"] >= 0.7, results
+
+
 def test_eval_only_reports_the_saved_models_accuracy(tmp_path):
     results = training.train(tiny_config(), tmp_path, verbose=0)
     output = run_train_py(["--eval_only", "--checkpoint", str(tmp_path / "model.keras"),
                            "--verbose", "0"], timeout=300)
     assert output.returncode == 0, output.stderr[-3000:]
     assert f"top-1 {results['test_accuracy']:.4f}" in output.stdout
-    missing = run_train_py(["--eval_only", "--checkpoint", str(tmp_path / "nope.keras")], timeout=300)
-    assert missing.returncode != 0 and "error: No model at " in missing.stderr and "nope.keras" in missing.stderr
+    # A missing checkpoint: test_train_py_user_errors_are_one_line_and_debug_shows_the_traceback.
 
 
 def start(workdir):
@@ -431,7 +447,8 @@ def test_train_py_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_pat
         (["--set", "learning_rate=-1"], "error: `learning_rate` must be greater than 0, got -1."),
         (["--set", "model.droput_rate=0.5"], "error: Unknown model key(s) ['model.droput_rate']."),
         (["--workdir", str(tmp_path / "busy")], f"error: --workdir {tmp_path / 'busy'} is a file"),
-        (["--eval_only", "--checkpoint", str(tmp_path / "nope.keras")], "error: No model at "),
+        (["--eval_only", "--checkpoint", str(tmp_path / "nope.keras")],
+         f"error: No model at {tmp_path / 'nope.keras'}"),
     ):
         result = run_train_py(args, timeout=300)
         assert result.returncode == 1, (args, result.stderr[-2000:])
