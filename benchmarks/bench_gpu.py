@@ -57,15 +57,6 @@ WORKERS = [  # (backend, implementation), the reference second
 REFERENCES = {"jax": "flax", "torch": "timm"}
 
 
-def _time(fn, steps):
-    fn()  # warm up: compilation, first allocation
-    fn()
-    begin = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - begin) / steps
-
-
 def _peak_bytes(backend):
     if backend == "torch":
         import torch
@@ -92,7 +83,7 @@ def worker(backend, impl, dtype, cfg, steps, fixture):
         runner = bench_model.RUNNERS[impl](cfg, dtype)
     result = dict(backend=backend, impl=impl, dtype=dtype)
     for mode in ("infer", "train"):
-        result[mode] = cfg["batch"] / _time(runner[mode], steps)
+        result[mode] = cfg["batch"] / bench_model._time(runner[mode], steps)
     result["peak_bytes"] = _peak_bytes(backend)
     print("RESULT " + json.dumps(result), flush=True)
 

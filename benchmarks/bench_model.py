@@ -249,6 +249,15 @@ def _torch_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _torch_batch(cfg, device):
+    """`_data`'s batch as the references take it: [-1, 1], NCHW, on `device`."""
+    import torch
+
+    images, labels = _data(cfg)
+    x = torch.from_numpy(images / 127.5 - 1.0).float().permute(0, 3, 1, 2).contiguous().to(device)
+    return x, torch.from_numpy(labels).long().to(device)
+
+
 def timm_runner(cfg, dtype):
     import torch
     from timm.models.mlp_mixer import MlpMixer
@@ -262,9 +271,7 @@ def timm_runner(cfg, dtype):
     )
     model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    images, labels = _data(cfg)
-    x = torch.from_numpy(images / 127.5 - 1.0).float().permute(0, 3, 1, 2).contiguous().to(device)
-    y = torch.from_numpy(labels).long().to(device)
+    x, y = _torch_batch(cfg, device)
     autocast = dtype == "bfloat16"
 
     def train():
@@ -325,9 +332,7 @@ def torch_fn_runner(cfg, dtype):
         return F.linear(x, w["head_w"], w["head_b"])
 
     optimizer = torch.optim.Adam(weights.values(), lr=1e-3)
-    images, labels = _data(cfg)
-    x = torch.from_numpy(images / 127.5 - 1.0).float().permute(0, 3, 1, 2).contiguous().to(device)
-    y = torch.from_numpy(labels).long().to(device)
+    x, y = _torch_batch(cfg, device)
     autocast = dtype == "bfloat16"
 
     def train():

@@ -18,10 +18,8 @@ operation), so bfloat16 costs the float32 matmul plus conversion passes.
 import argparse
 import os
 import re
-import statistics
 import subprocess
 import sys
-import time
 
 SHAPE = (32 * 64, 256, 1024)  # rows (batch x tokens), hidden, channels MLP width
 
@@ -54,21 +52,13 @@ def _dot_dtypes(hlo):
     return sorted(set(re.findall(r"= (\w+)\[[\d,]*\]\S* dot\(", hlo)))
 
 
-def _median_seconds(run, repeats=7):
-    run()
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times)
-
-
 def worker(backend, show):
+    import gemm_peak
+
     row = {}
     for dtype in ("float32", "bfloat16"):
         hlo, run = _hlo_and_timer(backend, dtype)
-        row[dtype] = (_dot_dtypes(hlo), len(re.findall(r" convert\(", hlo)), _median_seconds(run))
+        row[dtype] = (_dot_dtypes(hlo), len(re.findall(r" convert\(", hlo)), gemm_peak._median_seconds(run, 7))
         if show:
             print(f"--- {backend} {dtype} optimised HLO ---\n{hlo}")
     (f32_dot, f32_converts, f32_s), (bf_dot, bf_converts, bf_s) = row["float32"], row["bfloat16"]
