@@ -339,11 +339,33 @@ def _check_quantized(model, formats):
         )
 
 
+def _float32(model):
+    """`model` computing in float32, with the same (float32) weights.
+
+    A model trained under "mixed_bfloat16" (`mixed_precision`, which
+    `"auto"` picks on TPUs, GPUs and some CPUs) computes in bfloat16,
+    which the TFLite converter refuses ("'tf.MatMul' op is neither a custom
+    op nor a flex op") and which most serving CPUs emulate. The exported
+    files compute in float32 (and in TFLite's own quantizations from
+    there), and are checked against this float32 model.
+    """
+    from keras_mixer import quantize
+    from keras_mixer.model import MLPMixer
+
+    if (not isinstance(model, MLPMixer) or model.dtype_policy.compute_dtype == "float32"
+            or quantize.quantized_modes(model)):
+        return model
+    float_model = MLPMixer.from_config(dict(model.get_config(), dtype="float32"))
+    float_model.set_weights(model.get_weights())
+    return float_model
+
+
 def _export_here(path, out_dir, formats, quantization, data_path, model_config):
     import keras
 
     model = load_model(path, model_config) if isinstance(path, (str, os.PathLike)) else path
     _check_quantized(model, formats)
+    model = _float32(model)
     image_shape = tuple(model.input_shape[1:])
     if data_path is not None:
         images = _check_data(np.load(data_path), image_shape)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from base import keras_logits
+from conftest import once
 from conftest import subprocess_env
 from keras_mixer import export
 from keras_mixer import sources
@@ -160,3 +161,26 @@ def test_weights_file_with_config_exports(trained, tmp_path):
     report = export.export(tmp_path / "m.weights.h5", tmp_path / "out", ["tflite"],
                            model_config=model.get_config())
     assert report["files"][0]["passed"]
+
+
+@once("the export runs in TensorFlow whatever this process's backend")
+def test_a_mixed_bfloat16_model_exports_computing_in_float32(tmp_path):
+    """A model trained under "mixed_bfloat16" (which mixed_precision="auto"
+    picks on TPUs and GPUs) exports: the TFLite converter refuses bfloat16
+    ops, so the files compute in float32 with the model's float32 weights."""
+    import keras
+
+    from keras_mixer import MLPMixer
+
+    model = MLPMixer(image_shape=(8, 8, 1), patch_size=2, num_blocks=1, hidden_dim=16,
+                     tokens_mlp_dim=8, channels_mlp_dim=16, num_classes=10, dtype="mixed_bfloat16")
+    head = model.get_layer("head")  # zero-initialised: give it weights, so the logits differ
+    head.kernel.assign(np.random.default_rng(0).normal(size=head.kernel.shape).astype("float32"))
+    model.save(tmp_path / "model.keras")
+    images = np.random.default_rng(1).uniform(0, 255, (16, 8, 8, 1)).astype("float32")
+    report = export.export(tmp_path / "model.keras", tmp_path / "out", ("saved_model", "tflite"),
+                           ("float32",), representative_data=images)
+    assert [(f["format"], f["passed"]) for f in report["files"]] == [("saved_model", True), ("tflite", True)]
+    reloaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert reloaded.dtype_policy.name == "mixed_bfloat16"  # the saved model itself is unchanged
+
