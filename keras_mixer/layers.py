@@ -1,9 +1,10 @@
 """The building blocks of MLP-Mixer: `MLPBlock`, `MixerBlock`, `StochasticDepth`, `LayerNorm`.
 
 Written with `keras.ops`, so the same code runs on the JAX, TensorFlow
-and PyTorch backends. One exception, measured: on PyTorch the MLPs' Dense
-layers compute `torch.addmm` (`_dense`), the same numbers with the bias
-fused into the matmul. Reference: Tolstikhin et al., 2021, "MLP-Mixer: An
+and PyTorch backends. One exception, measured: on eager PyTorch the
+Dense layers, LayerNorms and inference blocks call PyTorch directly
+(`torch_eager`: the same kernels and numbers without Keras' per-call
+Python, and the bias fused into the matmul). Reference: Tolstikhin et al., 2021, "MLP-Mixer: An
 all-MLP Architecture for Vision" (arXiv 2105.01601), and the official Flax
 module `vit_jax/models_mixer.py`.
 """
@@ -67,9 +68,11 @@ class LayerNorm(layers.LayerNormalization):
     often: a JAX training step of S/16 (batch 8) read 6.1 GB instead of
     5.1 (`compiled.cost_analysis()`) and ran at 3.8 images/s instead of 4.3
     (the official Flax module: 4.9). On TensorFlow the same change made the
-    S/16 training step slower (4.8 vs 5.3 images/s, XLA), and on PyTorch
-    Keras' call runs PyTorch's fused `layer_norm` kernel, so both keep
-    Keras' call. `benchmarks/bench_model.py` measures the model.
+    S/16 training step slower (4.8 vs 5.3 images/s, XLA), so it keeps
+    Keras' call. On PyTorch the call is PyTorch's fused `layer_norm`
+    kernel, the one Keras' call reaches, without Keras' op wrappers
+    (`torch_eager.layer_norm`). `benchmarks/bench_model.py` measures the
+    model.
 
     Args:
         epsilon: float, added to the variance (1e-6 in the official model).
@@ -82,7 +85,14 @@ class LayerNorm(layers.LayerNormalization):
             raise ValueError(f"LayerNorm normalises the last axis only, got axis={self.axis}.")
 
     def call(self, inputs):
-        if keras.backend.backend() != "jax" or self.rms_scaling:
+        if self.rms_scaling:
+            return super().call(inputs)
+        if keras.backend.backend() == "torch":
+            # Keras' kernel (`F.layer_norm`) without its op wrappers.
+            from keras_mixer import torch_eager
+
+            return torch_eager.layer_norm(self, inputs)
+        if keras.backend.backend() != "jax":
             return super().call(inputs)
         # Statistics in at least float32, as Keras does under mixed precision.
         dtype = keras.backend.standardize_dtype(inputs.dtype)
@@ -160,27 +170,16 @@ class StochasticDepth(layers.Layer):
 
 
 def _dense(layer, x):
-    """`layer(x)` for a built float `Dense` and a 2D `x`.
-
-    On PyTorch one `torch.addmm`, the bias added inside the matmul, the
-    way `torch.nn.Linear` computes it. `Dense` adds its bias as an op of
-    its own, and `keras.ops` has no matmul-plus-bias: in eager PyTorch
-    that add is a pass over every activation. It took a quarter of the
-    forward pass's CPU time (small config, `torch.profiler`), and with it
-    keras-mixer ran inference at 0.88x a same-math `torch.nn.functional`
-    model; `benchmarks/bench_model.py` measures both. XLA (JAX,
-    TensorFlow) fuses the add into the matmul's output on its own, so
-    other backends, and quantized or LoRA layers (whose kernels `Dense`
-    computes), call the layer. The variables are the layer's own and are
-    read inside the enclosing layer's autocast scope, as `Dense.call`
-    reads them, so mixed precision and gradients are unchanged.
-    """
-    if (keras.backend.backend() != "torch" or layer.quantization_mode is not None
-            or layer.lora_enabled or layer.bias is None):
+    """`layer(x)` for a built `Dense` and a 2D `x`; on PyTorch one
+    `torch.addmm` with the bias fused (`torch_eager.dense`, where the
+    measurement is). XLA (JAX, TensorFlow) fuses the bias add into the
+    matmul on its own, so other backends, and quantized or LoRA layers
+    (whose kernels `Dense` computes), call the layer."""
+    if keras.backend.backend() != "torch":
         return layer(x)
-    import torch
+    from keras_mixer import torch_eager
 
-    return torch.addmm(layer.bias, x, layer.kernel)
+    return torch_eager.dense(layer, x) if torch_eager.plain_dense(layer) else layer(x)
 
 
 @keras.saving.register_keras_serializable(package="keras_mixer")
@@ -401,6 +400,14 @@ class MixerBlock(layers.Layer):
         self.built = True
 
     def call(self, inputs, training=None):
+        if keras.backend.backend() == "torch":
+            # Eager PyTorch inference without the sublayer calls' Python
+            # (`torch_eager`): identical numbers; one 32x32 image of the
+            # small benchmark config took 14 ms instead of 20.
+            from keras_mixer import torch_eager
+
+            if torch_eager.applies_to_mixer_block(self, training):
+                return torch_eager.mixer_block(self, inputs)
         # Rate-0 stochastic depth (always the first block) is skipped, not
         # called, to save the layer-call overhead of eager backends. The
         # masks are drawn here, outside what `remat` recomputes: drawn

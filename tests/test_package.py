@@ -66,14 +66,18 @@ def test_no_module_level_import_cycle():
 def test_layers_and_model_import_only_keras_numpy_and_stdlib():
     """The model may reach `weights` lazily, inside MLPMixer.from_checkpoint only,
     `lora` inside the three LoRA methods, and `distribute` in `compile` (the
-    jit_compile choice)."""
-    for module, allowed in (("layers", set()), ("model", {"layers"})):
+    jit_compile choice); the layers reach `torch_eager` on PyTorch only."""
+    for module, allowed in (("layers", set()), ("model", {"layers"}), ("torch_eager", set())):
         for name in imports(PACKAGE / f"{module}.py", top_level_only=True):
             root = name.split(".")[0]
             assert root in STDLIB or root in {"keras", "numpy"} or name in {
                 f"keras_mixer.{a}" for a in allowed} or name == "keras_mixer.layers", (module, name)
     lazy = package_imports("model") - package_imports("model", top_level_only=True)
     assert lazy == {"weights", "lora", "distribute"}
+    # PyTorch's kernels, inside the PyTorch branches only; PyTorch itself is
+    # imported inside torch_eager's functions.
+    assert package_imports("layers") == {"torch_eager"}
+    assert "torch" not in imports(PACKAGE / "torch_eager.py", top_level_only=True)
     tree = ast.parse((PACKAGE / "model.py").read_text())
     functions = [node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
                  and any(isinstance(n, ast.ImportFrom) for n in ast.walk(node))]
@@ -113,7 +117,7 @@ def test_the_optional_readers_are_imported_lazily():
 def test_backend_branches_live_in_distribute():
     """Per-backend branches: distribute.py; export.py's choice of a TensorFlow
     process; layers.py's LayerNorm kernel, which is faster on JAX written out, and
-    its fused PyTorch matmul-plus-bias (`_dense`)."""
+    its calls into `torch_eager` (PyTorch's kernels without Keras' per-call Python)."""
     for module in MODULES:
         text = (PACKAGE / f"{module}.py").read_text()
         if "backend.backend() ==" in text or "backend.backend() !=" in text:

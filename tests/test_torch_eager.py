@@ -1,0 +1,139 @@
+"""keras_mixer.torch_eager: eager PyTorch computes what the Keras path computes.
+
+The module only runs on the PyTorch backend, so these tests do too; the
+other passes cover the same numbers through the Keras path (test_model.py,
+test_weights.py), which here is the reference.
+"""
+
+from unittest import mock
+
+import keras
+import numpy as np
+import pytest
+
+from base import fixture_model, fixture_params, to_numpy
+from conftest import load_fixture
+from keras_mixer import MLPMixer, torch_eager
+from keras_mixer.layers import LayerNorm
+from keras_mixer.quantize import quantize
+from keras_mixer.weights import load_official, load_timm
+
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "torch", reason="keras_mixer.torch_eager is the PyTorch backend's path"
+)
+
+
+def tiny(**kwargs):
+    """Pre-logits features: the head kernel starts at zero, as in the official model."""
+    return MLPMixer(**{**dict(image_shape=(8, 8, 3), patch_size=2, num_blocks=2, hidden_dim=16,
+                              tokens_mlp_dim=8, channels_mlp_dim=32, num_classes=None), **kwargs})
+
+
+def images(n=3, size=8):
+    return np.random.RandomState(0).uniform(0, 255, (n, size, size, 3)).astype("float32")
+
+
+def both_paths(model, x):
+    """(inference with gradients off, counting the blocks `mixer_block` computed;
+    the same call with gradients on, the Keras path)."""
+    import torch
+
+    with mock.patch.object(torch_eager, "mixer_block", wraps=torch_eager.mixer_block) as fast:
+        with torch.no_grad():
+            inference = to_numpy(model(x, training=False))
+        keras_path = to_numpy(model(x, training=False))
+    return inference, keras_path, fast.call_count
+
+
+def test_inference_is_bit_identical_to_the_keras_path_and_matches_the_official_model(official_fixture):
+    config, arrays = official_fixture
+    model = fixture_model(config, num_classes=config["num_classes"])
+    load_official(model, fixture_params(arrays))
+    inference, keras_path, fast_blocks = both_paths(model, arrays["inputs"])
+    assert fast_blocks == config["num_blocks"]
+    np.testing.assert_array_equal(inference, keras_path)
+    assert np.abs(inference - arrays["logits"]).max() <= 1e-6
+    # predict and predict_on_batch take the same path.
+    np.testing.assert_array_equal(to_numpy(model.predict_on_batch(arrays["inputs"])), inference)
+
+
+def test_exact_gelu_inference_matches_timm():
+    config, arrays = load_fixture("timm_mixer_tiny.npz")
+    model = fixture_model(config, num_classes=config["num_classes"], gelu_approximate=False)
+    load_timm(model, {k: v for k, v in arrays.items() if k.startswith("state_dict/")})
+    inference, keras_path, fast_blocks = both_paths(model, arrays["inputs"])
+    assert fast_blocks == config["num_blocks"]
+    np.testing.assert_array_equal(inference, keras_path)
+    assert np.abs(inference - arrays["logits"]).max() <= 1e-6
+
+
+def test_mixed_bfloat16_inference_is_bit_identical():
+    import torch
+
+    model = tiny(dtype="mixed_bfloat16")
+    inference, keras_path, fast_blocks = both_paths(model, images())
+    assert fast_blocks == 2
+    np.testing.assert_array_equal(inference, keras_path)
+    with torch.no_grad():
+        tokens = model.get_layer("block_0")(keras.ops.ones((1, 16, 16), dtype="bfloat16"))
+    assert keras.backend.standardize_dtype(tokens.dtype) == "bfloat16"
+
+
+def test_training_calls_keep_the_keras_path():
+    """Dropout and stochastic depth are drawn in training, with or without
+    gradients; with gradients the Keras path runs even at inference."""
+    import torch
+
+    model = tiny(dropout_rate=0.5, stochastic_depth_rate=0.5, seed=0)
+    block = model.get_layer("block_1")
+    assert not torch_eager.applies_to_mixer_block(block, training=True)
+    assert not torch_eager.applies_to_mixer_block(block, training=False)  # gradients on
+    with torch.no_grad():
+        assert torch_eager.applies_to_mixer_block(block, training=False)
+        assert torch_eager.applies_to_mixer_block(block, training=None)
+        assert not torch_eager.applies_to_mixer_block(block, training=True)
+        x = images()
+        first, second = to_numpy(model(x, training=True)), to_numpy(model(x, training=True))
+        assert np.abs(first - second).max() > 1e-3  # dropout drew new masks
+    inference, keras_path, _ = both_paths(model, x)
+    np.testing.assert_array_equal(inference, keras_path)
+
+
+def test_quantized_and_lora_layers_are_computed_by_keras():
+    import torch
+
+    quantized = tiny()
+    reference = tiny()
+    reference.set_weights(quantized.get_weights())
+    quantize(quantized, "int8")
+    block = quantized.get_layer("block_0")
+    assert not torch_eager.plain_dense(block.token_mixing.dense_0)
+    with torch.no_grad():
+        assert not torch_eager.applies_to_mixer_block(block, training=False)
+    inference, keras_path, fast_blocks = both_paths(quantized, images())
+    assert fast_blocks == 0
+    np.testing.assert_array_equal(inference, keras_path)
+
+    lora = tiny()
+    lora.enable_lora(2)
+    assert not torch_eager.plain_dense(lora.get_layer("block_0").channel_mixing.dense_1)
+    inference, keras_path, fast_blocks = both_paths(lora, images())
+    assert fast_blocks == 0
+    np.testing.assert_array_equal(inference, keras_path)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
+def test_layer_norm_is_keras_layer_normalization(dtype):
+    x = keras.ops.convert_to_tensor(np.random.RandomState(1).normal(3, 2, (4, 5, 16)).astype("float32"))
+    ours = LayerNorm(epsilon=1e-6, dtype=dtype, gamma_initializer="random_normal", beta_initializer="ones")
+    theirs = keras.layers.LayerNormalization(epsilon=1e-6, dtype=dtype)
+    ours.build(x.shape)
+    theirs.build(x.shape)
+    theirs.set_weights(ours.get_weights())
+    if dtype != "float32":
+        x = keras.ops.cast(x, "bfloat16")
+    expected = theirs(x)
+    got = ours(x)
+    assert got.dtype == expected.dtype
+    np.testing.assert_array_equal(to_numpy(keras.ops.cast(got, "float32")),
+                                  to_numpy(keras.ops.cast(expected, "float32")))
