@@ -183,4 +183,3 @@ def test_a_mixed_bfloat16_model_exports_computing_in_float32(tmp_path):
     assert [(f["format"], f["passed"]) for f in report["files"]] == [("saved_model", True), ("tflite", True)]
     reloaded = keras.saving.load_model(tmp_path / "model.keras")
     assert reloaded.dtype_policy.name == "mixed_bfloat16"  # the saved model itself is unchanged
-
