@@ -92,13 +92,28 @@ def cpu_info(cpuinfo="/proc/cpuinfo"):
     return model, flags
 
 
-def cpu_has_bf16_matmul(cpuinfo="/proc/cpuinfo"):
+# Overrides what `cpu_has_bf16_matmul` reads from the CPU: "1" answers yes,
+# "0" no. It lets one machine run what `mixed_precision="auto"` does on the
+# other kind of CPU (the tests run their PyTorch pass both ways), and lets a
+# user whose container hides /proc/cpuinfo's flags say what the CPU has.
+BF16_OVERRIDE = "KERAS_MIXER_CPU_BF16"
+
+
+def cpu_has_bf16_matmul(cpuinfo="/proc/cpuinfo", environ=None):
     """Whether the CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX).
 
     Without them bfloat16 matmuls are emulated: on a 2-core AVX2 machine a
     small Mixer under "mixed_bfloat16" ran at 0.84-1.0x its float32 speed
     on JAX, 0.82-0.87x on TensorFlow and 0.02x on PyTorch (docs/benchmarks.md). Unknown
     (no /proc/cpuinfo) counts as having them: no warning without evidence.
+    `KERAS_MIXER_CPU_BF16=1` or `=0` (`BF16_OVERRIDE`) answers instead of the CPU.
     """
+    environ = os.environ if environ is None else environ
+    override = environ.get(BF16_OVERRIDE, "").strip()
+    if override:
+        if override not in ("0", "1"):
+            raise ValueError(f"{BF16_OVERRIDE}={override!r}: use 1 (the CPU has bfloat16 matrix "
+                             f"instructions), 0 (it has not), or leave it unset to read the CPU's flags.")
+        return override == "1"
     _, flags = cpu_info(cpuinfo)
     return flags is None or any(flag in flags for flag in BF16_MATMUL_FLAGS)

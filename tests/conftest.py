@@ -89,7 +89,7 @@ def tiny_release(official_npz, monkeypatch):
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """A small digits Mixer trained for 10 epochs on this backend: decisive enough
+    """A small digits Mixer trained for 10 epochs on this backend in float32: decisive enough
     that int8 rounding rarely flips its top-1 class. Shared by the export and
     predict tests."""
     from keras_mixer import config as config_lib
@@ -97,8 +97,13 @@ def trained(tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("digits")
     config = config_lib.load("digits")
-    config.update(epochs=10, model=dict(config["model"], num_blocks=2, hidden_dim=32,
-                                       tokens_mlp_dim=32, channels_mlp_dim=64))
+    # float32 whatever the CPU: the export and predict tests check files
+    # against this model's logits to 1e-4, which a model computing in
+    # bfloat16 (mixed_precision="auto" on PyTorch with AVX512-BF16 or AMX)
+    # does not meet by design; test_export.py checks that case on its own.
+    config.update(epochs=10, mixed_precision=False,
+                  model=dict(config["model"], num_blocks=2, hidden_dim=32,
+                             tokens_mlp_dim=32, channels_mlp_dim=64))
     training.train(config, workdir, verbose=0, distribution="none")
     return workdir / "model.keras"
 

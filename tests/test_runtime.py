@@ -76,10 +76,20 @@ def test_train_py_re_executes_once(tmp_path, opt_out, processes):
 def test_bf16_matrix_instructions_are_read_from_the_cpu_flags(tmp_path, flags, expected):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n")
-    assert runtime.cpu_has_bf16_matmul(cpuinfo) is expected
+    assert runtime.cpu_has_bf16_matmul(cpuinfo, environ={}) is expected
     assert runtime.cpu_info(cpuinfo) == ("Some CPU", set(flags.split()))
     # No evidence, no warning.
-    assert runtime.cpu_has_bf16_matmul(tmp_path / "missing") is True
+    assert runtime.cpu_has_bf16_matmul(tmp_path / "missing", environ={}) is True
+    # KERAS_MIXER_CPU_BF16 answers instead of the CPU, either way.
+    for answer in (False, True):
+        environ = {runtime.BF16_OVERRIDE: str(int(answer))}
+        assert runtime.cpu_has_bf16_matmul(cpuinfo, environ=environ) is answer
+        assert runtime.cpu_has_bf16_matmul(tmp_path / "missing", environ=environ) is answer
+
+
+def test_a_bad_bf16_override_names_its_values():
+    with pytest.raises(ValueError, match=r"KERAS_MIXER_CPU_BF16='yes': use 1 .* 0 .* unset"):
+        runtime.cpu_has_bf16_matmul(environ={runtime.BF16_OVERRIDE: "yes"})
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None or bool(glob.glob("/dev/accel*")),

@@ -77,7 +77,7 @@ def test_options_mixed_precision_ema_accumulation_sigmoid(tmp_path, monkeypatch,
                          learning_rate=0.1)
     # The tests run on CPUs; as on one without bfloat16 matrix instructions,
     # the run says that bfloat16 will be slow, and goes on.
-    monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda: False)
+    monkeypatch.setenv(runtime.BF16_OVERRIDE, "0")
     with caplog.at_level("WARNING"):
         results = training.train(config, tmp_path, verbose=0)
     why = "PyTorch emulates bfloat16" if keras.backend.backend() == "torch" else "XLA on the CPU"
@@ -89,6 +89,36 @@ def test_options_mixed_precision_ema_accumulation_sigmoid(tmp_path, monkeypatch,
     assert keras.config.dtype_policy().name == "float32"  # restored
     model = keras.saving.load_model(tmp_path / "model.keras")
     assert model.get_layer("stem").kernel.dtype == "float32"
+
+
+@pytest.mark.parametrize("cpu_bf16", ["0", "1"])
+def test_mixed_precision_auto_on_both_kinds_of_cpu(tmp_path, monkeypatch, capsys, cpu_bf16):
+    """The default (mixed_precision="auto") on a CPU without and with
+    bfloat16 matrix instructions, whichever this machine is: only PyTorch
+    on such a CPU trains in bfloat16, and that model is what a user gets:
+    its float32 weights, bfloat16 compute, and predictions that agree with
+    the same weights computing in float32 to bfloat16's rounding."""
+    from keras_mixer import runtime
+
+    monkeypatch.setenv(runtime.BF16_OVERRIDE, cpu_bf16)
+    config = tiny_config()
+    assert "mixed_precision" not in config  # the default: "auto"
+    results = training.train(config, tmp_path, verbose=0)
+    bf16 = cpu_bf16 == "1" and keras.backend.backend() == "torch"
+    policy = "mixed_bfloat16" if bf16 else "float32"
+    assert f"Precision: {policy} (mixed_precision=auto:" in capsys.readouterr().out
+    assert json.loads((tmp_path / "plan.json").read_text())["mixed_precision"] is bf16
+    model = keras.saving.load_model(tmp_path / "model.keras")
+    assert model.dtype_policy.name == policy and model.get_layer("stem").kernel.dtype == "float32"
+    _, (x_test, y_test) = sources.load_digits()
+    logits = to_numpy(model.predict(x_test, verbose=0)).astype("float32")
+    assert (logits.argmax(1) == y_test).mean() == pytest.approx(results["test_accuracy"], abs=1e-6)
+    as_float32 = MLPMixer.from_config(dict(model.get_config(), dtype="float32"))
+    as_float32.set_weights(model.get_weights())
+    expected = to_numpy(as_float32.predict(x_test, verbose=0))
+    difference = np.abs(logits - expected).max()
+    # bfloat16 keeps 8 significant bits: relative rounding of 2^-8 per op.
+    assert difference <= (5e-2 * np.abs(expected).max() if bf16 else 1e-5), difference
 
 
 def test_nan_loss_stops_with_the_step_and_advice(tmp_path):
@@ -380,10 +410,13 @@ def test_lora_fine_tuning_from_a_checkpoint_writes_the_adapters(tmp_path):
     pretrained base gives the run's final model (model.keras, merged)."""
     from keras_mixer import save_official
 
-    training.train(tiny_config(epochs=1), tmp_path / "pretrain", verbose=0)
+    # float32: the check below is one of exactness (a bfloat16 run's merged
+    # kernels round differently from base + adapters).
+    training.train(tiny_config(epochs=1, mixed_precision=False), tmp_path / "pretrain", verbose=0)
     base = keras.saving.load_model(tmp_path / "pretrain" / "model.keras")
     save_official(base, tmp_path / "base.npz")
-    config = tiny_config(epochs=1, init_checkpoint=str(tmp_path / "base.npz"), lora_rank=4)
+    config = tiny_config(epochs=1, init_checkpoint=str(tmp_path / "base.npz"), lora_rank=4,
+                         mixed_precision=False)
     results = training.train(config, tmp_path / "lora", verbose=0)
     assert results["steps"] == 11
     adapters = tmp_path / "lora" / "lora.npz"
