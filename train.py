@@ -162,6 +162,8 @@ def main(argv=None):
     from keras_mixer import distribute
 
     placement = distribute.setup(args.distribution, args.model_parallel_size, tpu=args.tpu)
+    if not placement.is_chief:
+        verbose = 0  # Process 0 reports progress and results; the others train quietly.
     results = training.train(config, workdir, verbose=verbose, distribution=placement)
     if results["preempted"]:
         print(
@@ -169,6 +171,10 @@ def main(argv=None):
             "Run the same command to resume."
         )
         sys.exit(143)
+    if not placement.is_chief:
+        print(f"process {placement.process_index} of {placement.num_processes}: done after "
+              f"{results['steps']} steps (process 0 writes the files and reports the results)")
+        return results
     if "test_accuracy" in results:
         print(
             f"test accuracy {results['test_accuracy']:.4f} (top-5 {results['test_top5']:.4f}, "

@@ -250,11 +250,12 @@ class BestModel(keras.callbacks.Callback):
     score to beat: a resumed run passes the one its state recorded.
     """
 
-    def __init__(self, path, monitor="val_accuracy", best=-np.inf):
+    def __init__(self, path, monitor="val_accuracy", best=-np.inf, chief=True):
         super().__init__()
         self.path = path
         self.monitor = monitor
         self.best = best
+        self.chief = chief  # every host saves (see checkpoint.save_model); the chief writes
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
@@ -262,12 +263,12 @@ class BestModel(keras.callbacks.Callback):
             return
         self.best = float(value)
         if not self.model.optimizer.use_ema:
-            checkpoint.save_model(self.model, self.path)
+            checkpoint.save_model(self.model, self.path, write=self.chief)
             return
         raw = [keras.ops.convert_to_numpy(v) for v in self.model.trainable_variables]
         self.model.optimizer.finalize_variable_values(self.model.trainable_variables)
         try:
-            checkpoint.save_model(self.model, self.path)
+            checkpoint.save_model(self.model, self.path, write=self.chief)
         finally:
             for variable, value in zip(self.model.trainable_variables, raw):
                 variable.assign(value)

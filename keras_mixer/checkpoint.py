@@ -148,6 +148,20 @@ def restore_latest(directory, model):
     return None
 
 
+def check_local_path(path, what="the path"):
+    """Raises a `ValueError` for a URL (gs://, s3://, ...): the files of a run
+    are written with local file operations, and pathlib would turn
+    "gs://bucket/run" into a local folder "gs:/bucket/run" that disappears
+    with the machine. Until remote work directories are supported, say so
+    before anything is written."""
+    text = str(path)
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text):
+        raise ValueError(
+            f"{what} {text} is a URL; keras-mixer writes runs to local paths only for now. "
+            "Use a local folder, or mount the bucket (e.g. gcsfuse for gs://) and give its mount path."
+        )
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yields a temporary path beside `path` to write; renames it onto `path`
@@ -163,11 +177,45 @@ def atomic_path(path):
     tmp.replace(path)
 
 
-def save_model(model, path):
-    """`model.save(path)`, atomically."""
+def save_model(model, path, write=True):
+    """`model.save(path)`, atomically.
+
+    In a multi-host run (JAX, several processes) every process must call
+    it: the weights span the hosts (sharded by "model" parallelism, or
+    replicated over every host's devices), and gathering them takes every
+    host's part, in the same order. The chief (`write=True`) then saves a
+    copy of the model built outside the distribution with the gathered
+    weights and the same compile settings; the file holds no optimizer
+    state (the training states do). A one-process run with `write=False`
+    does nothing.
+    """
+    if distribute.process_count() > 1:
+        values = [distribute.variable_to_numpy(v) for v in model.weights]
+        if write:
+            _save_gathered(model, values, path)
+        return pathlib.Path(path)
+    if not write:
+        return pathlib.Path(path)
     with atomic_path(path) as tmp:
         model.save(tmp)
     return pathlib.Path(path)
+
+
+def _save_gathered(model, values, path):
+    import keras
+
+    distribution = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        copy = model.__class__.from_config(model.get_config())
+        copy.set_weights(values)
+        compile_config = model.get_compile_config() if model.compiled else None
+        if compile_config:
+            copy.compile_from_config(compile_config)
+        with atomic_path(path) as tmp:
+            copy.save(tmp)
+    finally:
+        keras.distribution.set_distribution(distribution)
 
 
 def save_json(path, value):

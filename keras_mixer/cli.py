@@ -18,8 +18,29 @@ DEBUG_ENV = "KERAS_MIXER_DEBUG"
 USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError, RuntimeError)
 
 
+# What makes a process one of several (keras_mixer.distribute.MULTI_HOST_ENV).
+MULTI_HOST_ENV = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES",
+                  "JAX_COORDINATOR_ADDRESS", "KERAS_MIXER_MULTI_HOST")
+
+
+def multi_host_process(environ=None):
+    """`(index, count)` of this process in a multi-host run (`"?"` where JAX
+    finds them itself), or None for a one-process run."""
+    environ = os.environ if environ is None else environ
+    if not any(environ.get(k) not in (None, "", "0") for k in MULTI_HOST_ENV):
+        return None
+    return (environ.get("KERAS_DISTRIBUTION_PROCESS_ID", "?"),
+            environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "?"))
+
+
 def run(main, argv=None):
-    """Calls `main(argv)` (argv without `--debug`); returns its exit status."""
+    """Calls `main(argv)` (argv without `--debug`); returns its exit status.
+
+    In a multi-host run an error ends the process at once after its two
+    lines (`os._exit`): JAX's exit handler would otherwise wait at a
+    shutdown barrier for the partners and end in a C++ stack trace that
+    hides the reason.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV) == "1"
     argv = [a for a in argv if a != DEBUG_FLAG]
@@ -29,6 +50,15 @@ def run(main, argv=None):
         if debug:
             raise
         print(f"error: {error}", file=sys.stderr)
-        print(f"(run with {DEBUG_FLAG} or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
-        return 1
+        host = multi_host_process()
+        if host is None:
+            print(f"(run with {DEBUG_FLAG} or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+            return 1
+        print(f"error: process {host[0]} of {host[1]} of a multi-host run stops here. A run needs "
+              "every process: when a partner was lost (a closed connection, a heartbeat timeout), "
+              "its own log says why. Fix the cause, then start every process again with the same "
+              "command; train.py resumes from the last saved state.", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     return status if isinstance(status, int) else 0

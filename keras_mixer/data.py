@@ -45,25 +45,28 @@ def _shifted_copies(images, pad):
     ])
 
 
-def _check_one_host(source, num_shards):
-    if source.arrays is not None and num_shards > 1:
-        raise ValueError(
-            f"{source.description} is for one host; for several hosts use a tfds "
-            "dataset or an image folder, which are read in per-host shards."
-        )
-
-
-def _array_train_pipeline(source, batch_size, seed, start_step, shift_pixels, num_shards):
+def _array_train_pipeline(source, batch_size, seed, start_step, shift_pixels, num_shards=1, shard_index=0):
     """The training stream of an in-memory source (the digits): shuffled,
     endless, each image shifted by up to `shift_pixels` in each direction
-    (zero padding: the translation augmentation that suits 8x8 digits)."""
-    _check_one_host(source, num_shards)
+    (zero padding: the translation augmentation that suits 8x8 digits).
+
+    On several hosts (`num_shards`), `batch_size` is this host's part: the
+    global batch of `batch_size * num_shards` examples is drawn, shifts
+    included, exactly as one host would draw it, and host `shard_index`
+    takes its consecutive slice. So every global batch holds the same
+    examples, augmented the same, whatever the number of hosts (JAX's
+    data-parallel input joins the hosts' slices in process order), and no
+    example of a batch is read by two hosts.
+    """
     x_train, y_train = source.arrays
-    if not 0 < batch_size <= len(x_train):
+    global_batch = batch_size * num_shards
+    if not 0 < global_batch <= len(x_train):
         raise ValueError(
             f"`batch_size` must be in [1, {len(x_train)}] for {source.description}, "
-            f"got {batch_size}."
+            f"got {global_batch}."
         )
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"`shard_index` must be in [0, {num_shards}), got {shard_index}.")
     # Small images allow only (2 * shift_pixels + 1)^2 shifts: precompute
     # them all and gather one per image per batch. A per-image map costs
     # more than a training step on 2 cores.
@@ -71,16 +74,18 @@ def _array_train_pipeline(source, batch_size, seed, start_step, shift_pixels, nu
     num_variants, num_train = variants.shape[:2]
     images = tf.constant(variants.reshape((-1,) + tuple(source.image_shape)))
     labels = tf.one_hot(y_train, source.num_classes)
+    begin = shard_index * batch_size
 
     def gather(seeds, index):
         variant = tf.random.stateless_uniform(
-            [batch_size], seed=seeds, maxval=num_variants, dtype=tf.int64
+            [global_batch], seed=seeds, maxval=num_variants, dtype=tf.int64
         )
+        variant, index = variant[begin:begin + batch_size], index[begin:begin + batch_size]
         return tf.gather(images, variant * num_train + index), tf.gather(labels, index)
 
     indices = tf.data.Dataset.range(num_train)
     indices = indices.shuffle(num_train, seed=seed, reshuffle_each_iteration=True)
-    indices = indices.repeat().batch(batch_size, drop_remainder=True)
+    indices = indices.repeat().batch(global_batch, drop_remainder=True)
     # One stateless seed pair per batch keeps augmentation reproducible.
     batch_seeds = tf.data.Dataset.random(seed=seed).batch(2)
     train = tf.data.Dataset.zip((batch_seeds, indices))
@@ -192,8 +197,9 @@ def train_pipeline(source, batch_size, image_shape, seed=0, start_step=0,
     """
     if source.arrays is not None:
         _check_fixed_shape(source, image_shape)
-        stream = _array_train_pipeline(source, batch_size, seed, start_step, shift_pixels, num_shards)
-        return _finish(stream, batch_augment, start_step), source.num_examples // batch_size
+        stream = _array_train_pipeline(source, batch_size, seed, start_step, shift_pixels,
+                                       num_shards, shard_index)
+        return _finish(stream, batch_augment, start_step), source.num_examples // (batch_size * num_shards)
     dataset, num_examples = _shard(source.dataset, source.num_examples, num_shards, shard_index)
     if batch_size > num_examples:
         raise ValueError(
@@ -401,8 +407,7 @@ def make_datasets(config, micro_batch_size, placement=None, sources=None):
         placement.check_batch_size(eval_batch, "eval_batch_size")
     source = sources.train
     shape = image_shape(config, source)
-    _check_one_host(source, num_shards)
-    if num_shards == 1 and source.num_examples < micro_batch_size:
+    if (num_shards == 1 or source.arrays is not None) and source.num_examples < micro_batch_size:
         raise ValueError(
             f"`batch_size` {micro_batch_size} exceeds the {source.num_examples} "
             f"training examples of {source.description}."

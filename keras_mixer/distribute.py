@@ -157,6 +157,8 @@ def setup(mode="auto", model_parallel_size=None, tpu=None):
             f"tpu={tpu!r} names a TPU for TensorFlow's TPUStrategy; the {backend} "
             "backend finds its devices itself (JAX lists a TPU VM's cores). Drop it."
         )
+    if backend != "jax":
+        _refuse_multi_process(backend)
     if backend == "jax":
         placement = _setup_jax(mode, model_parallel_size)
     elif backend == "tensorflow":
@@ -165,6 +167,41 @@ def setup(mode="auto", model_parallel_size=None, tpu=None):
         placement = _setup_single(backend, mode)
     logging.info("Distribution: %s", placement.description)
     return placement
+
+
+def _tf_config_workers(environ):
+    import json
+
+    try:
+        cluster = json.loads(environ.get("TF_CONFIG") or "{}").get("cluster", {})
+    except (ValueError, AttributeError):
+        return 0
+    return sum(len(cluster.get(kind, ())) for kind in ("chief", "worker"))
+
+
+def _refuse_multi_process(backend, environ=None):
+    """A multi-process start on TensorFlow or PyTorch is an error that names JAX.
+
+    PyTorch: Keras 3.15 has no multi-process training. TensorFlow:
+    `MultiWorkerMirroredStrategy` fails inside Keras 3.15 (keras issue
+    20585, tensorflow 72388) unless patched; keras-mixer's multi-host path
+    is JAX's, tested with real processes (docs/distributed.md).
+    """
+    environ = os.environ if environ is None else environ
+    workers = _tf_config_workers(environ) if backend == "tensorflow" else 0
+    if not (multi_host_wanted(environ) or workers > 1):
+        return
+    what = (f"TF_CONFIG names {workers} workers" if workers > 1 else
+            "the environment describes a multi-process run (" + ", ".join(
+                k for k in (*MULTI_HOST_ENV, "KERAS_MIXER_MULTI_HOST") if environ.get(k)) + ")")
+    why = ("Keras has no multi-process training for PyTorch yet" if backend == "torch"
+           else "MultiWorkerMirroredStrategy fails inside Keras (keras issue 20585)")
+    raise ValueError(
+        f"{what}, but keras-mixer trains across processes on the JAX backend only "
+        f"({backend}: {why}). "
+        "Set KERAS_BACKEND=jax on every host (docs/distributed.md), or unset those variables "
+        "to train in one process."
+    )
 
 
 def _one_device(backend, mode, why):
@@ -289,25 +326,75 @@ def _setup_tensorflow(mode, tpu):
 # --- JAX ----------------------------------------------------------------------
 
 
-def initialize_multi_host():
+# How long the coordination service waits for a silent process before it
+# ends the others (JAX's default is 100 s): seconds, or the variable.
+HEARTBEAT_TIMEOUT_S = 10
+HEARTBEAT_ENV = "KERAS_MIXER_HEARTBEAT_TIMEOUT"
+
+
+def multi_host_wanted(environ=None):
+    """Whether the environment describes a multi-host run (see `initialize_multi_host`)."""
+    environ = os.environ if environ is None else environ
+    return any(environ.get(k) for k in MULTI_HOST_ENV) or environ.get(
+        "KERAS_MIXER_MULTI_HOST", "") not in ("", "0")
+
+
+def initialize_multi_host(environ=None):
     """Starts a multi-host JAX run when the environment describes one.
 
-    Must run before any JAX computation. Reads Keras' variables
-    (`KERAS_DISTRIBUTION_JOB_ADDRESSES`, `..._NUM_PROCESSES`,
+    Must run before any JAX computation: it asks nothing of JAX's backend
+    (`jax.distributed.is_initialized` is the guard; `jax.process_count`
+    would start a one-process backend, after which JAX refuses to join a
+    cluster). Reads Keras' variables (`KERAS_DISTRIBUTION_JOB_ADDRESSES`,
+    its first address the coordinator, `..._NUM_PROCESSES`,
     `..._PROCESS_ID`) or JAX's `JAX_COORDINATOR_ADDRESS`; on a TPU pod
-    slice set `KERAS_MIXER_MULTI_HOST=1` and JAX finds the rest itself.
-    Returns whether it started one.
+    slice or under SLURM set `KERAS_MIXER_MULTI_HOST=1` and JAX finds the
+    rest itself. Returns whether a multi-host run is on.
+
+    It calls `jax.distributed.initialize` itself rather than through
+    `keras.distribution.initialize`, for what only that call takes: the
+    heartbeat timeout (`KERAS_MIXER_HEARTBEAT_TIMEOUT`, default 10 s),
+    after which a lost process's partners are ended instead of waiting
+    ~100 s, and on CPU hosts gloo as JAX's cross-process collectives (JAX
+    has none on CPUs by default).
     """
-    wanted = any(os.environ.get(k) for k in MULTI_HOST_ENV) or os.environ.get(
-        "KERAS_MIXER_MULTI_HOST", ""
-    ) not in ("", "0")
-    if not wanted:
+    environ = os.environ if environ is None else environ
+    if not multi_host_wanted(environ):
         return False
     import jax
 
-    if jax.process_count() > 1:  # Already started (e.g. by the launcher).
+    if jax.distributed.is_initialized():  # Already started (by the user, or an earlier call).
         return True
-    keras.distribution.initialize()
+    addresses = environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES") or None
+    count = environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES")
+    index = environ.get("KERAS_DISTRIBUTION_PROCESS_ID")
+    if addresses and "," in addresses:
+        listed = addresses.split(",")
+        if count is not None and int(count) != len(listed):
+            raise ValueError(
+                f"KERAS_DISTRIBUTION_JOB_ADDRESSES lists {len(listed)} addresses but "
+                f"KERAS_DISTRIBUTION_NUM_PROCESSES={count}: give every process the same list "
+                "(or only the coordinator's address) and the process count."
+            )
+        addresses = listed[0]
+    try:
+        heartbeat = int(environ.get(HEARTBEAT_ENV, HEARTBEAT_TIMEOUT_S))
+    except ValueError:
+        raise ValueError(f"{HEARTBEAT_ENV}={environ[HEARTBEAT_ENV]!r}: give whole seconds, e.g. 10.") from None
+    if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in environ:
+        # Only the CPU client reads it: TPU and GPU hosts keep their own.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    import inspect
+
+    kwargs = dict(coordinator_address=addresses, num_processes=int(count) if count else None,
+                  process_id=int(index) if index else None)
+    accepted = inspect.signature(jax.distributed.initialize).parameters
+    if "heartbeat_timeout_seconds" in accepted:
+        kwargs["heartbeat_timeout_seconds"] = heartbeat
+    if "shutdown_timeout_seconds" in accepted:
+        kwargs["shutdown_timeout_seconds"] = max(heartbeat * 3, 30)
+    jax.distributed.initialize(**kwargs)
+    logging.info("Joined a multi-host run as process %d of %d.", jax.process_index(), jax.process_count())
     return True
 
 
@@ -421,6 +508,15 @@ def jit_compile_setting(placement=None):
 
         return "auto" if tf.distribute.has_strategy() else True
     return "auto" if placement.strategy is not None else True
+
+
+def process_count():
+    """The processes (hosts) of this run: JAX's count, 1 on other backends."""
+    if keras.backend.backend() != "jax":
+        return 1
+    import jax
+
+    return jax.process_count()
 
 
 def variable_to_numpy(variable):

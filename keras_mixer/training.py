@@ -239,6 +239,7 @@ def train(config, workdir, verbose="auto", distribution="auto", model_parallel_s
     # Through JSON and back, so that a tuple in a config file compares equal
     # to the list that config.json holds when a run resumes.
     config = json.loads(json.dumps(config_lib.resolve(config)))
+    checkpoint.check_local_path(workdir, "--workdir")
     if isinstance(distribution, distribute.Placement):
         placement = distribution
     else:
@@ -366,8 +367,8 @@ def _callbacks(run, preemption):
     """
     config, chief = run.config, run.placement.is_chief
     best = None
-    if run.datasets.eval is not None and chief:
-        best = callbacks_lib.BestModel(run.workdir / "best.keras", best=run.best)
+    if run.datasets.eval is not None:
+        best = callbacks_lib.BestModel(run.workdir / "best.keras", best=run.best, chief=chief)
     run.saver = callbacks_lib.StateSaver(
         run.workdir / "checkpoints", config["checkpoint_every"] * run.plan.grad_accum_steps,
         config["keep_checkpoints"], preemption, chief=chief,
@@ -441,8 +442,8 @@ def _results(run, history):
         results["images_per_second"] = round(float(np.median(history["images_per_second"])), 1)
     results["distribution"] = run.placement.description
     results["batch_plan"] = run.plan.describe()
+    checkpoint.save_model(run.model, run.workdir / "model.keras", write=run.placement.is_chief)
     if run.placement.is_chief:
-        checkpoint.save_model(run.model, run.workdir / "model.keras")
         if run.config["lora_rank"]:
             run.model.save_lora_weights(run.workdir / "lora.npz")
         checkpoint.save_json(run.workdir / "results.json", results)

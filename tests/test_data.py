@@ -123,6 +123,31 @@ def test_digits_pipeline_batches_shifts_and_is_deterministic():
     assert not np.array_equal(images.numpy(), other.numpy())
 
 
+@pytest.mark.parametrize("num_shards", [2, 4])
+def test_digits_shards_split_each_global_batch_of_one_host(num_shards):
+    """On N hosts each host's batches are its consecutive slice of the global
+    batch one host draws, shifts included: the hosts' slices, joined in
+    process order, are that batch, and no example is read twice in an epoch."""
+    source = sources.digits_source("train")
+    one, steps = data.train_pipeline(source, 64, (8, 8, 1), seed=5, start_step=3)
+    parts = [data.train_pipeline(source, 64 // num_shards, (8, 8, 1), seed=5, start_step=3,
+                                 num_shards=num_shards, shard_index=i) for i in range(num_shards)]
+    assert {part_steps for _, part_steps in parts} == {steps} == {1437 // 64}
+    for whole, *pieces in zip(batches(one, 4), *(batches(d, 4) for d, _ in parts)):
+        np.testing.assert_array_equal(np.concatenate([x for x, _ in pieces]), whole[0])
+        np.testing.assert_array_equal(np.concatenate([y for _, y in pieces]), whole[1])
+    # Disjoint within an epoch: tag every example with its index as its label.
+    (x_train, _), _ = sources.load_digits()
+    tagged = dataclasses.replace(source, arrays=(x_train, np.arange(len(x_train))), num_classes=len(x_train))
+    seen = []
+    for i in range(num_shards):
+        dataset, _ = data.train_pipeline(tagged, 64 // num_shards, (8, 8, 1), seed=5, shift_pixels=0,
+                                         num_shards=num_shards, shard_index=i)
+        seen.append([int(k) for _, y in batches(dataset, steps) for k in y.argmax(1)])
+    everything = sum(seen, [])
+    assert len(everything) == len(set(everything)) == steps * 64
+
+
 @pytest.mark.parametrize("shift", [0, 1])
 def test_digits_pipeline_shifts_by_at_most_shift_pixels(shift):
     (x_train, y_train), _ = sources.load_digits()

@@ -293,3 +293,28 @@ def test_jit_compile_setting_is_xla_on_tensorflow_only():
 
         with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
             assert distribute.jit_compile_setting() == "auto"
+
+
+@pytest.mark.parametrize("backend, environ, what", [
+    ("torch", {"KERAS_DISTRIBUTION_JOB_ADDRESSES": "localhost:1234", "KERAS_DISTRIBUTION_NUM_PROCESSES": "2"},
+     "the environment describes a multi-process run"),
+    ("tensorflow", {"TF_CONFIG": '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 0}}'},
+     "TF_CONFIG names 2 workers"),
+])
+def test_a_multi_process_start_off_jax_names_jax(backend, environ, what):
+    with pytest.raises(ValueError, match=rf"{what}.*JAX backend only.*KERAS_BACKEND=jax"):
+        distribute._refuse_multi_process(backend, environ)
+    distribute._refuse_multi_process(backend, {"TF_CONFIG": '{"cluster": {"worker": ["a:1"]}}'})  # one: fine
+
+
+def test_multi_host_needs_matching_addresses_and_count():
+    environ = {"KERAS_DISTRIBUTION_JOB_ADDRESSES": "a:1,b:2,c:3", "KERAS_DISTRIBUTION_NUM_PROCESSES": "2"}
+    if keras.backend.backend() != "jax":
+        pytest.skip("initialize_multi_host is JAX's")
+    import jax
+
+    if jax.distributed.is_initialized():
+        pytest.skip("this process is in a multi-host run")
+    with pytest.raises(ValueError, match="lists 3 addresses but KERAS_DISTRIBUTION_NUM_PROCESSES=2"):
+        distribute.initialize_multi_host(environ)
+    assert distribute.initialize_multi_host({}) is False

@@ -431,6 +431,15 @@ def test_lora_fine_tuning_from_a_checkpoint_writes_the_adapters(tmp_path):
     np.testing.assert_array_equal(to_numpy(merged.get_layer("stem").kernel), to_numpy(base.get_layer("stem").kernel))
 
 
+def test_a_url_work_directory_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    # pathlib made "gs://bucket/x" a local folder "gs:/bucket/x", and the run
+    # printed "saved gs://..." for files that were never in the bucket.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"--workdir gs://my-bucket/runs/x is a URL; .* mount the bucket"):
+        training.train(tiny_config(epochs=1), "gs://my-bucket/runs/x", verbose=0)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_failed_start_leaves_the_work_directory_usable(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         training.train(tiny_config(dataset="image_folder", data_dir=str(tmp_path / "nowhere")),

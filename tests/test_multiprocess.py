@@ -1,0 +1,145 @@
+"""Several real JAX processes on localhost (keras_mixer.launch): one model, the
+same numbers as one process, disjoint data, one writer, a lost process.
+
+Each run is `python -m keras_mixer.launch --processes P --devices-per-process D
+-- train.py ...`, as a user would try a multi-host config: real processes,
+JAX's coordination service on a localhost port, gloo collectives between
+them. One step per Keras epoch, so log.csv holds every step's loss.
+"""
+
+import csv
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from base import to_numpy
+from conftest import ROOT
+from conftest import once
+from conftest import subprocess_env
+from conftest import INSTALLED
+
+pytestmark = once("the processes run JAX whatever this process's backend")
+
+STEPS = 12
+ARGS = ["--verbose", "2", "--set", f"train_steps={STEPS}", "steps_per_epoch=1", "batch_size=128",
+        "model.num_blocks=1", "model.hidden_dim=16", "model.tokens_mlp_dim=8", "model.channels_mlp_dim=16"]
+TRAIN = [str(ROOT / "train.py")] if not INSTALLED else ["-P", str(ROOT / "train.py")]
+
+
+def launch_command(workdir, processes, devices, *extra):
+    return [sys.executable, "-m", "keras_mixer.launch", "--processes", str(processes),
+            "--devices-per-process", str(devices), "--", *TRAIN, "--workdir", str(workdir), *ARGS, *extra]
+
+
+def env():
+    environment = subprocess_env("jax")
+    environment.pop("XLA_FLAGS", None)
+    return environment
+
+
+def launch(workdir, processes, devices, *extra):
+    done = subprocess.run(launch_command(workdir, processes, devices, *extra), env=env(), cwd=workdir.parent,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    return done.stdout
+
+
+def losses(workdir):
+    with open(workdir / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["last_step"]) for r in rows] == list(range(1, STEPS + 1))
+    return np.array([float(r["loss"]) for r in rows]), np.array([float(r["val_accuracy"]) for r in rows])
+
+
+def weights(path):
+    from keras_mixer import checkpoint
+
+    return [to_numpy(w) for w in checkpoint.load_model(path).weights]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """workdir of 1 process x 8 devices, and of 2 processes x 4 devices, data parallel."""
+    root = tmp_path_factory.mktemp("multiprocess")
+    one, two = root / "one", root / "two"
+    out_one = launch(one, 1, 8)
+    out_two = launch(two, 2, 4)
+    return one, two, out_one, out_two
+
+
+def test_two_processes_train_the_model_of_one(runs):
+    one, two, _, out_two = runs
+    loss_one, val_one = losses(one)
+    loss_two, val_two = losses(two)
+    np.testing.assert_allclose(loss_two, loss_one, atol=1e-5)
+    # Every test image counted exactly once on each layout.
+    np.testing.assert_allclose(val_two, val_one, atol=1e-6)
+    for a, b in zip(weights(two / "model.keras"), weights(one / "model.keras")):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    import json
+
+    placement = json.loads((two / "distribution.json").read_text())
+    assert (placement["num_processes"], placement["num_devices"]) == (2, 8), placement
+    assert placement["description"] == "DataParallel over 8 CPU devices on 2 hosts"
+    # Process 0 reports; process 1 says it is done and who writes.
+    assert "[process 0] test accuracy" in out_two and "[process 1] test accuracy" not in out_two
+    assert "[process 1] process 1 of 2: done after 12 steps (process 0 writes" in out_two
+    assert out_two.count("saved ") == 1
+
+
+def test_only_process_0_writes(runs):
+    _, two, _, _ = runs
+    # One writer: no temporary file of a second writer left, every file once.
+    names = sorted(p.name for p in two.iterdir())
+    assert names == sorted([".lock", "best.keras", "checkpoints", "config.json", "distribution.json",
+                            "log.csv", "model.keras", "plan.json", "results.json", "tensorboard"]), names
+
+
+def test_model_parallel_across_both_processes(runs, tmp_path):
+    one, _, _, _ = runs
+    out = launch(tmp_path / "model", 2, 4, "--distribution", "model", "--model_parallel_size", "8")
+    assert "ModelParallel over 8 CPU devices on 2 hosts: mesh 1 (batch) x 8 (model)" in out
+    loss_model, _ = losses(tmp_path / "model")
+    np.testing.assert_allclose(loss_model, losses(one)[0], atol=1e-5)
+    for a, b in zip(weights(tmp_path / "model" / "model.keras"), weights(one / "model.keras")):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def _pid_of(line):
+    # "keras_mixer.launch: process 1 of 2 is pid 1234 (coordinator ...)"
+    return int(line.split(" is pid ")[1].split()[0])
+
+
+def test_a_killed_process_stops_its_partner_and_the_run_resumes(runs, tmp_path):
+    _, two, _, _ = runs
+    workdir = tmp_path / "killed"
+    child = subprocess.Popen(launch_command(workdir, 2, 4), env=env(), cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, pid = [], None
+    for line in child.stdout:
+        lines.append(line)
+        if "keras_mixer.launch: process 1 of 2 is pid" in line:
+            pid = _pid_of(line)
+        if line.startswith("[process 0] Epoch 5/"):
+            break
+    assert pid is not None, "".join(lines[-50:])
+    killed = time.monotonic()
+    os.kill(pid, 9)
+    rest = child.stdout.read()
+    status = child.wait(timeout=120)
+    seconds = time.monotonic() - killed
+    lines = (("".join(lines)) + rest).splitlines()
+    assert status != 0 and seconds < 60, (status, seconds)
+    # The last thing the user reads: which process was lost, and what to do.
+    assert "process 1 of 2 was lost (killed by SIGKILL)" in lines[-2], lines[-5:]
+    assert "start all of them again with the same command" in lines[-1]
+    print(f"partner stopped {seconds:.1f} s after the kill")
+    # The same command again resumes and ends where an uninterrupted run ends.
+    out = launch(workdir, 2, 4)
+    assert "[process 0] Resuming from" in out and "[process 1] Resuming from" in out
+    for a, b in zip(weights(workdir / "model.keras"), weights(two / "model.keras")):
+        np.testing.assert_allclose(a, b, atol=1e-6)
