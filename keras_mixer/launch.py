@@ -35,6 +35,10 @@ import threading
 import time
 
 
+# train.py's exit status after a SIGTERM, once its state is saved.
+PREEMPTED = 143
+
+
 def free_port():
     """A TCP port on localhost that nothing listens on now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -86,29 +90,10 @@ def _pump(stream, prefix, out, lock):
     stream.close()
 
 
-def launch(command, processes, devices_per_process=None, grace=60.0, out=None, port=None):
-    """Runs `command` as `processes` processes; returns the exit status (see the module)."""
-    if processes < 1:
-        raise ValueError(f"--processes must be at least 1, got {processes}.")
-    out = out or sys.stdout
-    argv = command_line(command)
-    address = f"localhost:{port or free_port()}"
-    lock = threading.Lock()
-    children, pumps = [], []
-    for index in range(processes):
-        child = subprocess.Popen(
-            argv, env=process_env(index, processes, address, devices_per_process),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-        )
-        children.append(child)
-        with lock:
-            out.write(f"keras_mixer.launch: process {index} of {processes} is pid {child.pid} "
-                      f"(coordinator {address})\n")
-            out.flush()
-        pump = threading.Thread(target=_pump, args=(child.stdout, f"[process {index}] ", out, lock), daemon=True)
-        pump.start()
-        pumps.append(pump)
-
+def _watch(children, grace):
+    """Waits for every child; returns `(statuses, (index, status, when) of the
+    first failure or None)`. Once one fails, the rest get `grace` seconds to
+    stop by themselves, then are killed."""
     # Stop, not ignore: a SIGTERM or Ctrl-C to the launcher goes to every process.
     def forward(signum, _frame):
         for child in children:
@@ -133,21 +118,54 @@ def launch(command, processes, devices_per_process=None, grace=60.0, out=None, p
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    for pump in pumps:
-        pump.join(timeout=5)
     statuses = [child.wait() for child in children]
     if first_failure is None:
         failed = [i for i, s in enumerate(statuses) if s]
-        if not failed:
-            return 0
-        first_failure = (failed[0], statuses[failed[0]], time.monotonic())
+        if failed:
+            first_failure = (failed[0], statuses[failed[0]], time.monotonic())
+    return statuses, first_failure
+
+
+def launch(command, processes, devices_per_process=None, grace=60.0, out=None, port=None):
+    """Runs `command` as `processes` processes; returns the exit status (see the module)."""
+    if processes < 1:
+        raise ValueError(f"--processes must be at least 1, got {processes}.")
+    out = out or sys.stdout
+    argv = command_line(command)
+    address = f"localhost:{port or free_port()}"
+    lock = threading.Lock()
+    children, pumps = [], []
+    for index in range(processes):
+        child = subprocess.Popen(
+            argv, env=process_env(index, processes, address, devices_per_process),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+        )
+        children.append(child)
+        with lock:
+            out.write(f"keras_mixer.launch: process {index} of {processes} is pid {child.pid} "
+                      f"(coordinator {address})\n")
+            out.flush()
+        pump = threading.Thread(target=_pump, args=(child.stdout, f"[process {index}] ", out, lock), daemon=True)
+        pump.start()
+        pumps.append(pump)
+
+    statuses, first_failure = _watch(children, grace)
+    for pump in pumps:
+        pump.join(timeout=5)
+    if first_failure is None:
+        return 0
     index, status, when = first_failure
+    if set(statuses) <= {0, PREEMPTED}:
+        out.write(f"keras_mixer.launch: stopped by SIGTERM (exit status {PREEMPTED}); "
+                  "run the same command again to resume.\n")
+        out.flush()
+        return PREEMPTED
     others = [f"process {i}: {_describe(s)}" for i, s in enumerate(statuses) if i != index]
     with lock:
         out.write(
             f"keras_mixer.launch: process {index} of {processes} was lost ({_describe(status)}); "
-            f"the others stopped ({'; '.join(others) or 'none'}), the last "
-            f"{max(0.0, time.monotonic() - when):.0f} s after it.\n"
+            f"the others stopped ({'; '.join(others) or 'none'}) within "
+            f"{max(0.0, time.monotonic() - when):.0f} s.\n"
             "keras_mixer.launch: a multi-host run needs every process. Fix what ended that process "
             "(its lines above), then start all of them again with the same command: train.py resumes "
             "from the last state in its work directory.\n"
@@ -173,6 +191,9 @@ def main(argv=None):
         return launch(command, args.processes, args.devices_per_process, args.grace)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # not a program, not found, not executable
+        print(f"error: cannot start {' '.join(command)}: {error.strerror or error}", file=sys.stderr)
         return 2
 
 

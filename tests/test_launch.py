@@ -71,6 +71,37 @@ def runs(tmp_path_factory):
     return one, two, out_one, out_two
 
 
+def test_each_process_gets_a_cluster_environment():
+    from keras_mixer import launch as launch_lib
+
+    env = launch_lib.process_env(1, 2, "localhost:1234", 4, environ={"XLA_FLAGS": "--xla_dump_to=x"})
+    assert (env["KERAS_DISTRIBUTION_JOB_ADDRESSES"], env["KERAS_DISTRIBUTION_NUM_PROCESSES"],
+            env["KERAS_DISTRIBUTION_PROCESS_ID"], env["KERAS_BACKEND"]) == ("localhost:1234", "2", "1", "jax")
+    assert env["XLA_FLAGS"] == "--xla_dump_to=x --xla_force_host_platform_device_count=4"
+    assert launch_lib.command_line(["train.py", "--x"]) == [sys.executable, "train.py", "--x"]
+    assert launch_lib.command_line(["-m", "keras_mixer.evaluation"])[0] == sys.executable
+    assert launch_lib.command_line(["keras-mixer", "train"]) == ["keras-mixer", "train"]
+
+
+def test_the_launcher_names_the_process_that_failed(tmp_path):
+    script = tmp_path / "work.py"
+    script.write_text("import os, sys, time\n"
+                      "if os.environ['KERAS_DISTRIBUTION_PROCESS_ID'] == '1':\n"
+                      "    print('bad input'); sys.exit(3)\n"
+                      "time.sleep(60)\n")
+    begin = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "keras_mixer.launch", "--processes", "3", "--grace", "1",
+                           "--", str(script)], env=env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3 and time.monotonic() - begin < 30
+    lines = done.stdout.splitlines()
+    assert "[process 1] bad input" in lines
+    assert lines[-2].startswith("keras_mixer.launch: process 1 of 3 was lost (exit status 3); the others "
+                                "stopped (process 0: killed by SIGKILL; process 2: killed by SIGKILL)")
+    done = subprocess.run([sys.executable, "-m", "keras_mixer.launch", "--processes", "2", "--", str(tmp_path)],
+                          env=env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.startswith(f"error: cannot start {tmp_path}: Permission denied")
+
+
 def test_two_processes_train_the_model_of_one(runs):
     one, two, _, out_two = runs
     loss_one, val_one = losses(one)
