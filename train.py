@@ -165,16 +165,19 @@ def main(argv=None):
     if not placement.is_chief:
         verbose = 0  # Process 0 reports progress and results; the others train quietly.
     results = training.train(config, workdir, verbose=verbose, distribution=placement)
+    if not placement.is_chief:
+        print(f"process {placement.process_index} of {placement.num_processes}: "
+              f"{'stopped by SIGTERM' if results['preempted'] else 'done'} after "
+              f"{results['steps']} steps (process 0 writes the files and reports the results)")
+        if results["preempted"]:
+            sys.exit(143)
+        return results
     if results["preempted"]:
         print(
             f"Stopped by SIGTERM at step {results['steps']}; the state is saved. "
             "Run the same command to resume."
         )
         sys.exit(143)
-    if not placement.is_chief:
-        print(f"process {placement.process_index} of {placement.num_processes}: done after "
-              f"{results['steps']} steps (process 0 writes the files and reports the results)")
-        return results
     if "test_accuracy" in results:
         print(
             f"test accuracy {results['test_accuracy']:.4f} (top-5 {results['test_top5']:.4f}, "

@@ -37,6 +37,7 @@ import keras
 import numpy as np
 
 from keras_mixer import checkpoint
+from keras_mixer import distribute
 
 
 class Preemption:
@@ -54,6 +55,13 @@ class Preemption:
     @property
     def requested(self):
         return self._event.is_set()
+
+    def agreed(self):
+        """Whether any process of the run was sent SIGTERM. Every process must
+        ask at the same step: in a multi-host run the answer is gathered from
+        all of them (one small collective), so all stop at the same step and
+        write one consistent state, whichever host was preempted."""
+        return distribute.any_process(self.requested)
 
     def request(self):
         self._event.set()
@@ -123,7 +131,7 @@ class StateSaver(keras.callbacks.Callback):
         self.step = self._epoch_start + batch + 1
         if self.model.stop_training:
             return
-        if self.preemption is not None and self.preemption.requested:
+        if self.preemption is not None and self.preemption.agreed():
             self.save()
             self.preempted = True
             raise Preempted(f"preempted at step {self.step}")

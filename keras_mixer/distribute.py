@@ -519,6 +519,16 @@ def process_count():
     return jax.process_count()
 
 
+def any_process(flag):
+    """Whether `flag` is true on any process of the run; every process must
+    call it at the same point. One process: the flag itself."""
+    if process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.array([int(bool(flag))], np.int32))).any())
+
+
 def variable_to_numpy(variable):
     """The full value of a model or optimizer variable as a NumPy array, on
     every placement: sharded over hosts, mirrored over replicas, or local.

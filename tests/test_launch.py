@@ -174,3 +174,43 @@ def test_a_killed_process_stops_its_partner_and_the_run_resumes(runs, tmp_path):
     assert "[process 0] Resuming from" in out and "[process 1] Resuming from" in out
     for a, b in zip(weights(workdir / "model.keras"), weights(two / "model.keras")):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def _run_until(command, tmp_path, epoch_line):
+    """Starts `command`; returns (child, pids by process index, lines read) once `epoch_line` is printed."""
+    child = subprocess.Popen(command, env=env(), cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    lines, pids = [], {}
+    for line in child.stdout:
+        lines.append(line)
+        if line.startswith("keras_mixer.launch: process ") and " is pid " in line:
+            pids[int(line.split()[2])] = _pid_of(line)
+        if line.startswith(epoch_line):
+            return child, pids, lines
+    raise AssertionError("".join(lines[-50:]))
+
+
+def test_sigterm_to_one_host_or_to_all_stops_every_process_at_one_step(runs, tmp_path):
+    """A preempted VM (SIGTERM to one host) and a stopped job (SIGTERM to
+    all, here through the launcher): every process writes its part of one
+    state at the same step and exits 143; the same command resumes, and the
+    run ends with the weights of an uninterrupted run."""
+    from keras_mixer import checkpoint
+
+    _, two, _, _ = runs
+    workdir = tmp_path / "preempted"
+    for target, epoch in (("one", 4), ("all", 8)):
+        child, pids, lines = _run_until(launch_command(workdir, 2, 4), tmp_path, f"[process 0] Epoch {epoch}/")
+        os.kill(pids[1] if target == "one" else child.pid, 15)
+        out = "".join(lines) + child.stdout.read()
+        assert child.wait(timeout=120) == 143, out[-3000:]
+        assert out.count("Stopped by SIGTERM at step") == 1  # process 0 reports it
+        assert "keras_mixer.launch: stopped by SIGTERM (exit status 143)" in out
+        states = checkpoint.list_states(workdir / "checkpoints")
+        step = int(out.split("Stopped by SIGTERM at step ")[1].split(";")[0])
+        assert states and states[0] == checkpoint.state_path(workdir / "checkpoints", step), (states, step)
+        assert step < STEPS
+    out = launch(workdir, 2, 4)
+    assert f"[process 0] Resuming from {checkpoint.state_path(workdir / 'checkpoints', step)}" in out
+    for a, b in zip(weights(workdir / "model.keras"), weights(two / "model.keras")):
+        np.testing.assert_allclose(a, b, atol=1e-6)
