@@ -38,6 +38,7 @@ import numpy as np
 
 from keras_mixer import checkpoint
 from keras_mixer import distribute
+from keras_mixer import storage
 
 
 class Preemption:
@@ -248,6 +249,28 @@ class KeepRawWeights(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.model.optimizer.use_ema and not self.model.stop_training:
             self._stash = [keras.ops.convert_to_numpy(v) for v in self.model.trainable_variables]
+
+
+class Upload(keras.callbacks.Callback):
+    """Copies a local file or folder to its place in a remote work directory
+    at every epoch end and when training ends (`storage`: an object is
+    replaced whole)."""
+
+    def __init__(self, local, remote):
+        super().__init__()
+        self.local, self.remote = local, remote
+
+    def upload(self):
+        if self.local.is_dir():
+            storage.upload_folder(self.local, self.remote)
+        elif self.local.exists():
+            self.remote.fs.put_file(str(self.local), self.remote.path)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.upload()
+
+    def on_train_end(self, logs=None):
+        self.upload()
 
 
 class BestModel(keras.callbacks.Callback):

@@ -12,10 +12,8 @@ a `.keras` file the same way (best.keras, model.keras); `load_model`
 reads one back with an error that says what is wrong with the file.
 """
 
-import contextlib
 import json
 import logging
-import pathlib
 import re
 import zipfile
 
@@ -23,6 +21,7 @@ import numpy as np
 
 from keras_mixer import distribute
 from keras_mixer import npz
+from keras_mixer import storage
 
 _PATTERN = re.compile(r"^state-(\d{9})\.npz$")
 
@@ -37,12 +36,12 @@ def _state_variables(model):
 
 
 def state_path(directory, step):
-    return pathlib.Path(directory) / f"state-{step:09d}.npz"
+    return storage.path(directory) / f"state-{step:09d}.npz"
 
 
 def list_states(directory):
     """State files of `directory`, newest (highest step) first."""
-    directory = pathlib.Path(directory)
+    directory = storage.path(directory)
     if not directory.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _PATTERN.match(p.name))]
@@ -55,9 +54,9 @@ def save_state(directory, model, step, keep=2, extra=None, write=True):
     `write=False` (hosts other than the chief) gathers without writing.
     Returns the path written (or that would be).
     """
-    directory = pathlib.Path(directory)
+    directory = storage.path(directory)
     if write:
-        directory.mkdir(parents=True, exist_ok=True)
+        storage.mkdir(directory)
     model_variables, optimizer_variables = _state_variables(model)
     arrays = {}
     for prefix, variables in (("model", model_variables), ("optimizer", optimizer_variables)):
@@ -131,8 +130,7 @@ def restore_latest(directory, model):
         except (ValueError, KeyError) as error:
             # Renamed aside, so that it neither counts among the states kept
             # nor outranks the new ones (with keep=1 it would delete each).
-            aside = path.with_name(path.name + ".damaged")
-            path.replace(aside)
+            aside = storage.move(path, path.with_name(path.name + ".damaged"))
             logging.warning(
                 "Checkpoint %s is damaged (%s: %s), probably cut off by a crash "
                 "mid-write; moved it to %s and trying the previous one.",
@@ -148,33 +146,11 @@ def restore_latest(directory, model):
     return None
 
 
-def check_local_path(path, what="the path"):
-    """Raises a `ValueError` for a URL (gs://, s3://, ...): the files of a run
-    are written with local file operations, and pathlib would turn
-    "gs://bucket/run" into a local folder "gs:/bucket/run" that disappears
-    with the machine. Until remote work directories are supported, say so
-    before anything is written."""
-    text = str(path)
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text):
-        raise ValueError(
-            f"{what} {text} is a URL; keras-mixer writes runs to local paths only for now. "
-            "Use a local folder, or mount the bucket (e.g. gcsfuse for gs://) and give its mount path."
-        )
-
-
-@contextlib.contextmanager
 def atomic_path(path):
-    """Yields a temporary path beside `path` to write; renames it onto `path`
-    when the block ends, and removes it if the block fails, so a crash
-    mid-write leaves the previous file intact."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        yield tmp
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)
+    """Yields a temporary local path to write; it replaces `path` (a local
+    path or a URL) when the block ends, and is removed if the block fails,
+    so a crash mid-write leaves the previous file intact (`storage.writing`)."""
+    return storage.writing(path)
 
 
 def save_model(model, path, write=True):
@@ -193,12 +169,12 @@ def save_model(model, path, write=True):
         values = [distribute.variable_to_numpy(v) for v in model.weights]
         if write:
             _save_gathered(model, values, path)
-        return pathlib.Path(path)
+        return storage.path(path)
     if not write:
-        return pathlib.Path(path)
+        return storage.path(path)
     with atomic_path(path) as tmp:
         model.save(tmp)
-    return pathlib.Path(path)
+    return storage.path(path)
 
 
 def _save_gathered(model, values, path):
@@ -220,38 +196,48 @@ def _save_gathered(model, values, path):
 
 def save_json(path, value):
     """Writes `value` as JSON to `path`, atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(value, indent=2))
-    return pathlib.Path(path)
+    return storage.write_text(path, json.dumps(value, indent=2))
+
+
+def _not_a_keras_file(path):
+    return ValueError(
+        f"{path} is not a readable .keras file: it is not a zip archive, so it is "
+        "truncated, corrupted or another kind of file. Save it again with model.save()."
+    )
 
 
 def check_model_file(path):
     """Raises a clear error unless `path` is an existing `.keras` zip
-    archive; cheap (no Keras), so a caller can check before starting work."""
-    path = pathlib.Path(path)
+    archive; cheap (no Keras), so a caller can check before starting work.
+    A remote file is only checked to exist (its bytes are read on load)."""
+    path = storage.path(path)
     if not path.exists():
         raise FileNotFoundError(f"No model at {path}.")
+    if storage.is_remote(path):
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder, not a .keras file.")
+        return
     if path.is_dir() or not zipfile.is_zipfile(path):
-        raise ValueError(
-            f"{path} is not a readable .keras file: it is not a zip archive, so it is "
-            "truncated, corrupted or another kind of file. Save it again with model.save()."
-        )
+        raise _not_a_keras_file(path)
 
 
 def load_model(path):
     """`keras.saving.load_model(path, compile=False)` with safe mode on (no
     Lambda layers or other Python code), and one clear error for a missing,
-    corrupt or unsafe file."""
+    corrupt or unsafe file. `path` may be a URL (read through a local copy)."""
     import keras
 
     check_model_file(path)
-    try:
-        return keras.saving.load_model(path, compile=False)
-    except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as error:
-        text = str(error)
-        if "safe_mode" in text:
-            # Keras' message suggests safe_mode=False, which runs the file's code.
-            reason = "it holds Python code (a Lambda layer), which is never loaded"
-        else:
-            reason = f"{type(error).__name__}: {text.splitlines()[0] if text else 'no message'}"
-        raise ValueError(f"{path} is not a model this package can load ({reason}).") from None
+    with storage.reading(path) as local:
+        if not zipfile.is_zipfile(local):
+            raise _not_a_keras_file(path)
+        try:
+            return keras.saving.load_model(local, compile=False)
+        except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as error:
+            text = str(error)
+            if "safe_mode" in text:
+                # Keras' message suggests safe_mode=False, which runs the file's code.
+                reason = "it holds Python code (a Lambda layer), which is never loaded"
+            else:
+                reason = f"{type(error).__name__}: {text.splitlines()[0] if text else 'no message'}"
+            raise ValueError(f"{path} is not a model this package can load ({reason}).") from None

@@ -3,36 +3,38 @@
 Official checkpoints, the download cache and training states are all
 `.npz` mappings of arrays. `read` loads every array (so zipfile checks
 every CRC) and never unpickles; `write` goes through a temporary file that
-is flushed to disk and renamed, so a crash mid-write leaves any previous
-file intact.
+is flushed to disk and renamed (or uploaded whole to an object store), so
+a crash mid-write leaves any previous file intact.
 """
 
 import os
-import pathlib
-import tempfile
 import zipfile
 
 import numpy as np
 
+from keras_mixer import storage
+
 
 def read(path):
-    """Every array of the `.npz` at `path`, as a dict, with clear errors for bad files.
+    """Every array of the `.npz` at `path` (a local path or a URL, see
+    `keras_mixer.storage`), as a dict, with clear errors for bad files.
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: the file is not a readable mapping of arrays (truncated,
             corrupted, a single array, or pickled objects).
     """
-    path = pathlib.Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint file {str(path)!r} does not exist.")
     try:
-        data = np.load(path, allow_pickle=False)
-        if not hasattr(data, "files"):  # A .npy file: one array, no context manager.
-            raise ValueError("it holds a single array, not a mapping of parameters")
-        with data:
-            # Reading every array makes zipfile check every CRC.
-            return {key: data[key] for key in data.files}
+        with storage.reading(path) as local:
+            data = np.load(local, allow_pickle=False)
+            if not hasattr(data, "files"):  # A .npy file: one array, no context manager.
+                raise ValueError("it holds a single array, not a mapping of parameters")
+            with data:
+                # Reading every array makes zipfile check every CRC.
+                return {key: data[key] for key in data.files}
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as error:
         reason = f"{type(error).__name__}: {error}"
         if "allow_pickle" in str(error):  # numpy's text suggests loading it unsafely
@@ -59,33 +61,20 @@ def shape_differences(expected, arrays):
     return missing, unexpected, wrong
 
 
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write(path, arrays):
-    """Writes `arrays` to an `.npz` at `path` atomically; returns the path."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique temporary name: two writers of one path never share a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Writes `arrays` to an `.npz` at `path` atomically (`storage.writing`:
+    a renamed local file, or one upload); returns the path."""
+    path = storage.path(path)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with storage.writing(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
     except OSError as error:
-        pathlib.Path(tmp).unlink(missing_ok=True)
         raise OSError(
             error.errno, f"Could not write {path} ({error.strerror or error}); nothing was "
             "left behind and any previous file is intact. Free disk space or choose "
             "another directory."
         ) from None
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
     return path

@@ -24,6 +24,7 @@ from keras_mixer import data
 from keras_mixer import distribute
 from keras_mixer import optim
 from keras_mixer import plan as plan_lib
+from keras_mixer import storage
 from keras_mixer.model import MLPMixer
 
 
@@ -239,16 +240,15 @@ def train(config, workdir, verbose="auto", distribution="auto", model_parallel_s
     # Through JSON and back, so that a tuple in a config file compares equal
     # to the list that config.json holds when a run resumes.
     config = json.loads(json.dumps(config_lib.resolve(config)))
-    checkpoint.check_local_path(workdir, "--workdir")
     if isinstance(distribution, distribute.Placement):
         placement = distribution
     else:
         placement = distribute.setup(distribution, model_parallel_size)
     print(f"Distribution: {placement.description}.")
-    workdir = pathlib.Path(workdir)
+    workdir = storage.check_directory(workdir, "--workdir")  # a local path or a URL (gs://...)
     if workdir.exists() and not workdir.is_dir():
         raise NotADirectoryError(f"--workdir {workdir} is a file, not a directory: choose another path.")
-    workdir.mkdir(parents=True, exist_ok=True)
+    storage.mkdir(workdir)
     _check_workdir_config(workdir / "config.json", config)
     with _exclusive(workdir, placement.is_chief):
         return _train_locked(config, workdir, verbose, placement)
@@ -257,8 +257,13 @@ def train(config, workdir, verbose="auto", distribution="auto", model_parallel_s
 @contextlib.contextmanager
 def _exclusive(workdir, chief):
     """Holds `workdir/.lock` for the run: a second run on the same work
-    directory would interleave its states and logs with this one's."""
-    if not chief:
+    directory would interleave its states and logs with this one's.
+
+    A remote work directory (gs://...) is not locked: an object store has
+    no lock that a killed run gives back, and gcsfs writes no conditional
+    objects. Keeping one run per remote work directory is the user's part
+    (docs/distributed.md)."""
+    if not chief or storage.is_remote(workdir):
         yield
         return
     import fcntl
@@ -324,6 +329,37 @@ class _Run:
     best: float  # the validation accuracy best.keras holds (from the state resumed)
     saver: callbacks_lib.StateSaver = None
     seconds: float = 0.0
+    staging: pathlib.Path = None  # a remote run's local copies of its appended files
+
+    def appended(self, name):
+        """Where the writers that append (Keras' CSVLogger, TensorBoard) write
+        `name`: the work directory, or for a remote one the local staging
+        folder (an object cannot be appended to), holding a copy of what
+        the store has so far; `callbacks.Upload` sends it back."""
+        if self.staging is None:
+            return self.workdir / name
+        local = self.staging / name
+        remote = self.workdir / name
+        if not local.exists() and remote.is_file():
+            remote.fs.get_file(remote.path, str(local))
+        return local
+
+
+@contextlib.contextmanager
+def _staging(run):
+    """A local staging folder for a remote run's appended files, removed at the end."""
+    if not (run.placement.is_chief and storage.is_remote(run.workdir)):
+        yield
+        return
+    import shutil
+    import tempfile
+
+    run.staging = pathlib.Path(tempfile.mkdtemp(prefix="keras-mixer-staging-"))
+    try:
+        yield
+    finally:
+        shutil.rmtree(run.staging, ignore_errors=True)
+        run.staging = None
 
 
 def _prepare(config, workdir, placement, memory, saved_plan):
@@ -378,13 +414,16 @@ def _callbacks(run, preemption):
     first = [callbacks_lib.StopOnNaN(run.saver)] + ([best] if best else [])
     first += [callbacks_lib.Throughput(run.plan.step_batch),
               callbacks_lib.EpochSpan(run.saver, run.plan.grad_accum_steps)]
+    last = []
     if chief:  # One host writes the logs and files.
-        first.append(keras.callbacks.CSVLogger(str(run.workdir / "log.csv"), append=True))
+        log, events = run.appended("log.csv"), run.appended("tensorboard")
+        first.append(keras.callbacks.CSVLogger(str(log), append=True))
+        last.append(keras.callbacks.TensorBoard(str(events), write_graph=False))
+        if run.staging is not None:  # The epoch's row reaches the store before its state.
+            first.append(callbacks_lib.Upload(log, run.workdir / "log.csv"))
+            last.append(callbacks_lib.Upload(events, run.workdir / "tensorboard"))
     first.append(run.saver)
     ema = [callbacks_lib.KeepRawWeights()] if config["ema_momentum"] is not None else []
-    last = []
-    if chief:
-        last = [keras.callbacks.TensorBoard(str(run.workdir / "tensorboard"), write_graph=False)]
 
     def make():
         swap = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if ema else []
@@ -397,7 +436,7 @@ def _fit(run, verbose):
     """Runs `model.fit` over the remaining steps; returns the merged history."""
     history = {}
     begin = time.perf_counter()
-    with callbacks_lib.Preemption() as preemption:
+    with callbacks_lib.Preemption() as preemption, _staging(run):
         make_callbacks = _callbacks(run, preemption)
         try:
             for epoch, num_epochs, steps, first_step in _segments(run.start, run.total, run.steps_per_epoch):

@@ -110,3 +110,12 @@ def assert_errors(load, directory, cases, never=()):
         with pytest.raises(error, match=pattern) as info:
             load(directory / name)
         assert not [text for text in never if text in str(info.value)], (name, str(info.value))
+
+
+def compiled_tiny_model():
+    """An 8x8 one-block Mixer compiled with Adam: the smallest model with an
+    optimizer state, for checkpoint tests."""
+    model = MLPMixer(image_shape=(8, 8, 1), num_classes=3, patch_size=4, num_blocks=1,
+                     hidden_dim=4, tokens_mlp_dim=2, channels_mlp_dim=4)
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    return model

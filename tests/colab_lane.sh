@@ -44,8 +44,9 @@ pip=("$venv/bin/python" -m pip install -q -c tests/colab-constraints.txt)
 "${pip[@]}" --upgrade pip || exit 1
 # The extras a Colab user has: tf.data and the rest of `train` (Colab's TPU
 # runtime has no TensorFlow), JAX (preinstalled there), safetensors (`timm`,
-# preinstalled there too), and what the tests and notebooks use.
-"${pip[@]}" "$wheel[train,jax,test,viz,litert,timm]" || exit 1
+# preinstalled there too), gcsfs for runs in a bucket (`gcs`), and what the
+# tests and notebooks use.
+"${pip[@]}" "$wheel[train,jax,test,viz,litert,timm,gcs]" || exit 1
 "${pip[@]}" --force-reinstall --no-deps "$wheel" || exit 1
 "$venv/bin/python" -c 'import keras, jax, numpy, tensorflow, sys; print(f"colab lane: Python {sys.version.split()[0]}, keras {keras.__version__}, jax {jax.__version__}, numpy {numpy.__version__}, tensorflow {tensorflow.__version__}")' 2>/dev/null
 echo "colab lane: set up in $(( $(date +%s) - start )) s"
@@ -57,7 +58,8 @@ KERAS_BACKEND=jax KERAS_MIXER_TEST_INSTALLED=1 TF_CPP_MIN_LOG_LEVEL=2 \
   ${report:+--junitxml="$report"} \
   tests/test_package.py tests/test_model.py tests/test_layers.py tests/test_weights.py \
   tests/test_released.py tests/test_config.py tests/test_training.py tests/test_notebooks.py \
-  tests/test_features.py tests/test_quantize.py tests/test_lora.py tests/test_hub.py "$@"
+  tests/test_features.py tests/test_quantize.py tests/test_lora.py tests/test_hub.py \
+  tests/test_storage.py "$@"
 status=$?
 rm -rf "$dist"
 echo "colab lane: $(( $(date +%s) - start )) s in all"

@@ -159,3 +159,64 @@ def write_image_folder(root, classes=("cat", "dog"), per_class=3, corrupt=True):
     if corrupt:
         (root / classes[0] / "broken.jpg").write_text("not an image")
     return paths
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    """A real GCS-protocol server on a free localhost port: the registry's
+    gcp-storage-emulator in its own process, in memory, for the session.
+    Yields its address for STORAGE_EMULATOR_HOST (what gcsfs and Google's
+    clients read); stopped at the end."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("gcp_storage_emulator", reason="the test extra installs gcp-storage-emulator")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path_factory.mktemp("gcs") / "emulator.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+             "--port", str(port), "--in-memory"], stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"the GCS emulator did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator, monkeypatch, request):
+    """A new, empty bucket on the emulator, as "gs://<name>"; this process and
+    the subprocesses it starts (subprocess_env copies os.environ) reach it."""
+    import re
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    import fsspec
+
+    fs = fsspec.filesystem("gs", skip_instance_cache=True)
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:50]
+    fs.mkdir(name)
+    yield f"gs://{name}"
+    fsspec.filesystem("gs").invalidate_cache()
+
+
+def gcs_files(url):
+    """Every object under `url` (gs://bucket/prefix), relative names, fresh from the server."""
+    import fsspec
+
+    fs = fsspec.filesystem("gs", skip_instance_cache=True)
+    root = url[len("gs://"):].rstrip("/")
+    return sorted(p[len(root) + 1:] for p in fs.find(root))

@@ -7,17 +7,11 @@ import pytest
 from keras_mixer import checkpoint
 from keras_mixer.model import MLPMixer
 from base import assert_errors
-
-
-def tiny_model():
-    model = MLPMixer(image_shape=(8, 8, 1), num_classes=3, patch_size=4, num_blocks=1,
-                     hidden_dim=4, tokens_mlp_dim=2, channels_mlp_dim=4)
-    model.compile(optimizer="adam", loss="categorical_crossentropy")
-    return model
+from base import compiled_tiny_model
 
 
 def test_a_truncated_state_is_detected_and_the_previous_one_used(tmp_path, caplog):
-    model = tiny_model()
+    model = compiled_tiny_model()
     kernel = model.get_layer("stem").kernel
     for step in (5, 10):
         kernel.assign(np.full(kernel.shape, step, "float32"))
@@ -25,7 +19,7 @@ def test_a_truncated_state_is_detected_and_the_previous_one_used(tmp_path, caplo
     newest = checkpoint.state_path(tmp_path, 10)
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # cut mid-write
 
-    restored = tiny_model()
+    restored = compiled_tiny_model()
     header = checkpoint.restore_latest(tmp_path, restored)
     assert header["step"] == 5
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(restored.get_layer("stem").kernel), 5)
@@ -34,7 +28,7 @@ def test_a_truncated_state_is_detected_and_the_previous_one_used(tmp_path, caplo
 
 
 def test_states_keep_the_newest_and_refuse_another_model(tmp_path):
-    model = tiny_model()
+    model = compiled_tiny_model()
     for step in (1, 2, 3):
         checkpoint.save_state(tmp_path, model, step, keep=2)
     assert [p.name for p in checkpoint.list_states(tmp_path)] == [
@@ -47,12 +41,12 @@ def test_states_keep_the_newest_and_refuse_another_model(tmp_path):
 
 
 def test_a_damaged_state_is_moved_aside_and_takes_no_retention_slot(tmp_path):
-    model = tiny_model()
+    model = compiled_tiny_model()
     for step in (5, 10):
         checkpoint.save_state(tmp_path, model, step, keep=2)
     newest = checkpoint.state_path(tmp_path, 10)
     newest.write_bytes(newest.read_bytes()[:100])
-    restored = tiny_model()
+    restored = compiled_tiny_model()
     assert checkpoint.restore_latest(tmp_path, restored)["step"] == 5
     assert (tmp_path / "state-000000010.npz.damaged").exists()
     # keep=1: the state written after the resume is the one kept.
@@ -61,7 +55,7 @@ def test_a_damaged_state_is_moved_aside_and_takes_no_retention_slot(tmp_path):
 
 
 def test_no_state_of_non_finite_weights_is_written(tmp_path):
-    model = tiny_model()
+    model = compiled_tiny_model()
     kernel = model.get_layer("stem").kernel
     kernel.assign(np.full(kernel.shape, np.inf, "float32"))
     with pytest.raises(FloatingPointError, match=r"The weights are no longer finite \(stem/kernel\)"):
@@ -71,7 +65,7 @@ def test_no_state_of_non_finite_weights_is_written(tmp_path):
 
 def test_json_and_model_files_are_written_atomically(tmp_path, monkeypatch):
     checkpoint.save_json(tmp_path / "results.json", {"a": 1})
-    model = tiny_model()
+    model = compiled_tiny_model()
     checkpoint.save_model(model, tmp_path / "model.keras")
     before = (tmp_path / "model.keras").read_bytes()
 
@@ -90,7 +84,7 @@ def test_json_and_model_files_are_written_atomically(tmp_path, monkeypatch):
 def test_load_model_names_what_is_wrong_with_the_file(tmp_path):
     import zipfile
 
-    model = tiny_model()
+    model = compiled_tiny_model()
     good = checkpoint.save_model(model, tmp_path / "good.keras")
     np.testing.assert_array_equal(checkpoint.load_model(good).get_weights()[0], model.get_weights()[0])
     whole = good.read_bytes()
