@@ -22,6 +22,7 @@ batch. Outputs: logits, or pooled features for a headless model.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -32,6 +33,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from keras_mixer import storage
 
 FORMATS = ("saved_model", "tflite", "onnx")
 QUANTIZATIONS = ("float32", "float16", "dynamic_range", "int8")
@@ -111,6 +114,10 @@ def export(model_or_path, out_dir, formats=FORMATS, quantization=None,
             "keras_mixer.data.representative_images(config), or on the command "
             "line --representative_data images.npy."
         )
+    if storage.is_remote(out_dir) or (isinstance(model_or_path, (str, os.PathLike))
+                                      and storage.is_remote(model_or_path)):
+        return _export_through_local_copies(model_or_path, out_dir, formats, quantization,
+                                            representative_data, model_config, class_names)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     import keras
@@ -164,6 +171,24 @@ def _export_in_subprocess(path, out_dir, formats, quantization, data_path, model
     return json.loads((out_dir / REPORT).read_text())
 
 
+def _export_through_local_copies(model_or_path, out_dir, *args):
+    """`export` from or to a URL (gs://...): a remote model is read through a
+    local copy, the files are written and checked in a local folder, then
+    uploaded to `out_dir` (also when a check failed: the report says which),
+    and the local copies removed."""
+    target = storage.check_directory(out_dir, "--out_dir")
+    with tempfile.TemporaryDirectory(prefix="keras-mixer-export-") as local, \
+            contextlib.ExitStack() as stack:
+        if isinstance(model_or_path, (str, os.PathLike)):
+            model_or_path = stack.enter_context(storage.reading(model_or_path))
+        try:
+            return export(model_or_path, local, *args)
+        except ExportError as error:
+            raise ExportError(str(error).replace(local, str(target))) from None
+        finally:
+            storage.upload_folder(local, target)
+
+
 # --- In a TensorFlow-backend process ---------------------------------------------
 
 
@@ -173,7 +198,7 @@ def check_model_path(path):
     before it starts a TensorFlow process."""
     from keras_mixer import checkpoint
 
-    path = pathlib.Path(path)
+    path = storage.path(path)
     if path.name.endswith(".weights.h5"):
         if not path.is_file():
             raise FileNotFoundError(f"No model at {path}.")
@@ -441,11 +466,11 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     except ExportError as error:
-        print(format_report(json.loads((pathlib.Path(args.out_dir) / REPORT).read_text())))
+        print(format_report(json.loads((storage.path(args.out_dir) / REPORT).read_text())))
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(format_report(report))
-    print(f"wrote {pathlib.Path(args.out_dir) / REPORT}")
+    print(f"wrote {storage.path(args.out_dir) / REPORT}")
     return 0
 
 

@@ -20,6 +20,8 @@ import sys
 
 import numpy as np
 
+from keras_mixer import storage
+
 
 def _input_shape(kind, path):
     if kind == "keras":
@@ -52,7 +54,7 @@ def _input_shape(kind, path):
 
 
 def _kind(path):
-    path = pathlib.Path(path)
+    path = storage.path(path)
     if not path.exists():
         raise FileNotFoundError(f"No model at {path}: give a .keras file, a SavedModel directory, "
                                 "a .tflite file or a .onnx file.")
@@ -93,18 +95,26 @@ def load_image(path, image_shape):
 
 
 def predict(model_path, image_paths, class_names=None, top=5):
-    """Returns, per image, the `top` (class, probability) pairs, best first."""
+    """Returns, per image, the `top` (class, probability) pairs, best first.
+
+    `model_path` may be a URL (gs://...): the model, and the class names
+    beside it, are read through local copies (`keras_mixer.storage`)."""
+    if class_names is None:
+        # Beside the file, or beside the SavedModel directory.
+        names_file = storage.path(model_path).parent / "class_names.json"
+        if names_file.exists():
+            class_names = json.loads(names_file.read_text())
+    if storage.is_remote(model_path):
+        if not storage.path(model_path).exists():
+            _kind(model_path)  # the error that names what is missing
+        with storage.reading(model_path) as local:
+            return predict(local, image_paths, class_names or [], top)
     kind = _kind(model_path)
     shape, run = _input_shape(kind, model_path)
     images = np.stack([load_image(p, shape) for p in image_paths])
     logits = np.asarray(run(images), "float64")
     probabilities = np.exp(logits - logits.max(-1, keepdims=True))
     probabilities /= probabilities.sum(-1, keepdims=True)
-    if class_names is None:
-        # Beside the file, or beside the SavedModel directory.
-        names_file = pathlib.Path(model_path).parent / "class_names.json"
-        if names_file.exists():
-            class_names = json.loads(names_file.read_text())
     results = []
     for row in probabilities:
         best = np.argsort(-row)[:top]

@@ -159,18 +159,22 @@ def _umask():
 
 @contextlib.contextmanager
 def reading(source):
-    """Yields a local path holding `source`'s bytes: itself when local, a
-    downloaded temporary copy (removed afterwards) when remote."""
+    """Yields a local path holding `source`'s bytes (a file, or a folder such
+    as a SavedModel): itself when local, a downloaded temporary copy
+    (removed afterwards) when remote."""
     source = path(source)
     if not is_remote(source):
         yield source
         return
-    if not source.is_file():
+    if not source.exists():
         raise FileNotFoundError(f"No file at {source}.")
     folder = tempfile.mkdtemp(prefix="keras-mixer-")
     local = pathlib.Path(folder) / source.name
     try:
-        source.fs.get_file(source.path, str(local))
+        if source.is_dir():  # a SavedModel: the whole folder
+            source.fs.get(source.path.rstrip("/") + "/", str(local), recursive=True)
+        else:
+            source.fs.get_file(source.path, str(local))
         yield local
     finally:
         shutil.rmtree(folder, ignore_errors=True)

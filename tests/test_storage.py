@@ -154,6 +154,37 @@ def test_train_py_with_a_gs_work_directory(gcs_bucket, tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert f"top-1 {results['test_accuracy']:.4f}" in evaluated.stdout
     assert list(cwd.iterdir()) == []
+    _export_and_predict_in_the_bucket(url, cwd, tmp_path)
+
+
+def _export_and_predict_in_the_bucket(url, cwd, tmp_path):
+    """python -m keras_mixer.export from and to gs://, then keras_mixer.predict
+    from the bucket's .keras and .tflite files."""
+    import tensorflow as tf
+
+    from keras_mixer import sources
+
+    exported = subprocess.run(
+        [sys.executable, *PYTHON_FLAGS, "-m", "keras_mixer.export", "--model", url + "/model.keras",
+         "--out_dir", url + "/export", "--formats", "tflite"], cwd=cwd, env=subprocess_env("jax"),
+        capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert f"wrote {url}/export/export_report.json" in exported.stdout
+    assert gcs_files(url + "/export") == ["export_report.json", "model_float32.tflite"]
+    report = json.loads(storage.path(url + "/export/export_report.json").read_text())
+    assert [(e["file"], e["passed"]) for e in report["files"]] == [("model_float32.tflite", True)]
+    (x_test, _), = [sources.load_digits()[1]]
+    png = tmp_path / "digit.png"
+    tf.io.write_file(str(png), tf.io.encode_png(tf.cast(tf.round(x_test[0]), tf.uint8)))
+    printed = []
+    for model in (url + "/model.keras", url + "/export/model_float32.tflite"):
+        done = subprocess.run([sys.executable, *PYTHON_FLAGS, "-m", "keras_mixer.predict", "--model", model,
+                               "--top", "1", str(png)], cwd=cwd, env=subprocess_env("jax"),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        printed.append(done.stdout.strip().split(": ")[1].split()[0])
+    assert printed[0] == printed[1]  # the same class from the .keras and the .tflite file
+    assert list(cwd.iterdir()) == []
 
 
 def test_train_py_says_what_is_wrong_with_a_gs_work_directory(gcs_bucket, tmp_path):
