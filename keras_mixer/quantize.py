@@ -17,9 +17,10 @@ float model with `--quantization int8` or `dynamic_range` instead, which
 quantize in the converter.
 """
 
-import pathlib
 
 import numpy as np
+
+from keras_mixer import storage
 
 MODES = ("int8", "int4")
 
@@ -74,8 +75,8 @@ def quantize_file(path, mode, images, out_path=None):
     """
     from keras_mixer import checkpoint
 
-    path = pathlib.Path(path)
-    out_path = pathlib.Path(out_path) if out_path else path.with_name(f"{path.stem}_{mode}.keras")
+    path = storage.path(path)  # local, or a URL (gs://...)
+    out_path = storage.path(out_path) if out_path else path.with_name(f"{path.stem}_{mode}.keras")
     model = checkpoint.load_model(path)
     images = np.asarray(images, "float32")
     expected = top1(model, images)

@@ -8,7 +8,9 @@ them. One step per Keras epoch, so log.csv holds every step's loss.
 """
 
 import csv
+import io
 import os
+import pathlib
 import subprocess
 import sys
 import time
@@ -21,6 +23,8 @@ from conftest import ROOT
 from conftest import once
 from conftest import subprocess_env
 from conftest import INSTALLED
+from conftest import gcs_files
+from keras_mixer import storage
 
 pytestmark = once("the processes run JAX whatever this process's backend")
 
@@ -42,15 +46,15 @@ def env():
 
 
 def launch(workdir, processes, devices, *extra):
-    done = subprocess.run(launch_command(workdir, processes, devices, *extra), env=env(), cwd=workdir.parent,
+    cwd = workdir.parent if isinstance(workdir, pathlib.Path) else ROOT
+    done = subprocess.run(launch_command(workdir, processes, devices, *extra), env=env(), cwd=cwd,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     return done.stdout
 
 
 def losses(workdir):
-    with open(workdir / "log.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.StringIO((storage.path(workdir) / "log.csv").read_text())))
     assert [int(r["last_step"]) for r in rows] == list(range(1, STEPS + 1))
     return np.array([float(r["loss"]) for r in rows]), np.array([float(r["val_accuracy"]) for r in rows])
 
@@ -62,13 +66,20 @@ def weights(path):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """workdir of 1 process x 8 devices, and of 2 processes x 4 devices, data parallel."""
+def runs(tmp_path_factory, gcs_emulator):
+    """workdir of 1 process x 8 devices (local), and of 2 processes x 4
+    devices (in a bucket of the GCS emulator, as a pod keeps its runs), data parallel."""
+    import fsspec
+
     root = tmp_path_factory.mktemp("multiprocess")
-    one, two = root / "one", root / "two"
-    out_one = launch(one, 1, 8)
-    out_two = launch(two, 2, 4)
-    return one, two, out_one, out_two
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
+        patch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        fsspec.filesystem("gs", skip_instance_cache=True).mkdir("multiprocess")
+        one, two = root / "one", storage.path("gs://multiprocess/two")
+        out_one = launch(one, 1, 8)
+        out_two = launch(two, 2, 4)
+        yield one, two, out_one, out_two
 
 
 def test_each_process_gets_a_cluster_environment():
@@ -114,6 +125,7 @@ def test_two_processes_train_the_model_of_one(runs):
     import json
 
     placement = json.loads((two / "distribution.json").read_text())
+    assert f"[process 0] saved {two}/model.keras and {two}/log.csv" in out_two
     assert (placement["num_processes"], placement["num_devices"]) == (2, 8), placement
     assert placement["description"] == "DataParallel over 8 CPU devices on 2 hosts"
     # Process 0 reports; process 1 says it is done and who writes.
@@ -124,10 +136,13 @@ def test_two_processes_train_the_model_of_one(runs):
 
 def test_only_process_0_writes(runs):
     _, two, _, _ = runs
-    # One writer: no temporary file of a second writer left, every file once.
-    names = sorted(p.name for p in two.iterdir())
-    assert names == sorted([".lock", "best.keras", "checkpoints", "config.json", "distribution.json",
-                            "log.csv", "model.keras", "plan.json", "results.json", "tensorboard"]), names
+    # One writer, into the bucket: no temporary object of a second writer
+    # left, every file once, the newest two states.
+    names = sorted({name.split("/")[0] for name in gcs_files(str(two))})
+    assert names == ["best.keras", "checkpoints", "config.json", "distribution.json", "log.csv",
+                     "model.keras", "plan.json", "results.json", "tensorboard"], names
+    assert [n for n in gcs_files(str(two)) if n.startswith("checkpoints/")] == [
+        f"checkpoints/state-{STEPS - 1:09d}.npz", f"checkpoints/state-{STEPS:09d}.npz"]
 
 
 def test_model_parallel_across_both_processes(runs, tmp_path):
