@@ -248,7 +248,7 @@ class KeepRawWeights(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if self.model.optimizer.use_ema and not self.model.stop_training:
-            self._stash = [keras.ops.convert_to_numpy(v) for v in self.model.trainable_variables]
+            self._stash = [distribute.variable_to_numpy(v) for v in self.model.trainable_variables]
 
 
 class Upload(keras.callbacks.Callback):
@@ -296,7 +296,7 @@ class BestModel(keras.callbacks.Callback):
         if not self.model.optimizer.use_ema:
             checkpoint.save_model(self.model, self.path, write=self.chief)
             return
-        raw = [keras.ops.convert_to_numpy(v) for v in self.model.trainable_variables]
+        raw = [distribute.variable_to_numpy(v) for v in self.model.trainable_variables]
         self.model.optimizer.finalize_variable_values(self.model.trainable_variables)
         try:
             checkpoint.save_model(self.model, self.path, write=self.chief)

@@ -163,7 +163,8 @@ def launch(command, processes, devices_per_process=None, grace=60.0, out=None, p
     others = [f"process {i}: {_describe(s)}" for i, s in enumerate(statuses) if i != index]
     with lock:
         out.write(
-            f"keras_mixer.launch: process {index} of {processes} was lost ({_describe(status)}); "
+            f"keras_mixer.launch: process {index} of {processes} {'was lost' if status < 0 else 'failed'} "
+            f"({_describe(status)}); "
             f"the others stopped ({'; '.join(others) or 'none'}) within "
             f"{max(0.0, time.monotonic() - when):.0f} s.\n"
             "keras_mixer.launch: a multi-host run needs every process. Fix what ended that process "

@@ -99,6 +99,7 @@ def check_directory(directory, what="--workdir"):
     if not is_remote(directory):
         return directory
     bucket = re.match(r"^[^:]+://[^/]*", str(directory)).group(0)  # gs://bucket
+    _check_reachable(directory, what)
     try:
         found = path(bucket).exists()
     except (OSError, ValueError, RuntimeError) as error:  # no credentials, refused, no network
@@ -113,6 +114,27 @@ def check_directory(directory, what="--workdir"):
             f"see it). Create it first (gcloud storage buckets create {bucket}) or fix the name."
         )
     return directory
+
+
+def _check_reachable(directory, what):
+    """A gs:// store's server answers a TCP connection within seconds, or
+    this is the error: gcsfs would retry a failed connection for a minute
+    and more before it says so."""
+    if scheme(str(directory)) not in ("gs", "gcs"):
+        return
+    import socket
+    import urllib.parse
+
+    endpoint = os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com"
+    parsed = urllib.parse.urlsplit(endpoint if "://" in endpoint else "http://" + endpoint)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=10).close()
+    except OSError as error:
+        raise ValueError(
+            f"{what} {directory}: cannot reach {parsed.hostname}:{port} ({error.strerror or error}). "
+            "Check the network (or STORAGE_EMULATOR_HOST, if you meant an emulator)."
+        ) from None
 
 
 def mkdir(directory):

@@ -245,6 +245,14 @@ def train(config, workdir, verbose="auto", distribution="auto", model_parallel_s
     else:
         placement = distribute.setup(distribution, model_parallel_size)
     print(f"Distribution: {placement.description}.")
+    if config["ema_momentum"] is not None and placement.mode == "model" and placement.num_processes > 1:
+        # Keras' SwapEMAWeights reads every weight as a NumPy array in one
+        # process, which a kernel sharded over hosts cannot give.
+        raise ValueError(
+            f"ema_momentum={config['ema_momentum']} with model parallelism over {placement.num_processes} "
+            "hosts: Keras' SwapEMAWeights cannot read weights sharded across hosts. Use "
+            "--distribution data on several hosts, model parallelism on one host, or ema_momentum=None."
+        )
     workdir = storage.check_directory(workdir, "--workdir")  # a local path or a URL (gs://...)
     if workdir.exists() and not workdir.is_dir():
         raise NotADirectoryError(f"--workdir {workdir} is a file, not a directory: choose another path.")

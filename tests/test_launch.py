@@ -106,7 +106,7 @@ def test_the_launcher_names_the_process_that_failed(tmp_path):
     assert done.returncode == 3 and time.monotonic() - begin < 30
     lines = done.stdout.splitlines()
     assert "[process 1] bad input" in lines
-    assert lines[-2].startswith("keras_mixer.launch: process 1 of 3 was lost (exit status 3); the others "
+    assert lines[-2].startswith("keras_mixer.launch: process 1 of 3 failed (exit status 3); the others "
                                 "stopped (process 0: killed by SIGKILL; process 2: killed by SIGKILL)")
     done = subprocess.run([sys.executable, "-m", "keras_mixer.launch", "--processes", "2", "--", str(tmp_path)],
                           env=env(), capture_output=True, text=True, timeout=60)

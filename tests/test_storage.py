@@ -77,6 +77,20 @@ def test_a_missing_bucket_is_one_line_before_anything_is_written(gcs_bucket):
     assert storage.check_directory(gcs_bucket + "/runs/a") == storage.path(gcs_bucket + "/runs/a")
 
 
+def test_an_unreachable_store_is_one_line_within_seconds(monkeypatch):
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    begin = time.monotonic()
+    with pytest.raises(ValueError, match=rf"--workdir gs://b/run: cannot reach 127.0.0.1:{port} \(.*\)\. "
+                                         r"Check the network"):
+        storage.check_directory("gs://b/run")
+    assert time.monotonic() - begin < 10
+
+
 def test_states_and_models_round_trip_through_the_store(gcs_bucket):
     model = compiled_tiny_model()
     directory = storage.path(gcs_bucket) / "run" / "checkpoints"

@@ -431,13 +431,16 @@ def test_lora_fine_tuning_from_a_checkpoint_writes_the_adapters(tmp_path):
     np.testing.assert_array_equal(to_numpy(merged.get_layer("stem").kernel), to_numpy(base.get_layer("stem").kernel))
 
 
-def test_a_url_work_directory_is_refused_before_anything_is_written(tmp_path, monkeypatch):
-    # pathlib made "gs://bucket/x" a local folder "gs:/bucket/x", and the run
-    # printed "saved gs://..." for files that were never in the bucket.
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match=r"--workdir gs://my-bucket/runs/x is a URL; .* mount the bucket"):
-        training.train(tiny_config(epochs=1), "gs://my-bucket/runs/x", verbose=0)
-    assert list(tmp_path.iterdir()) == []
+def test_ema_with_a_model_axis_over_hosts_is_refused_before_anything_is_written(tmp_path):
+    from keras_mixer import distribute
+
+    placement = distribute.Placement(backend=keras.backend.backend(), mode="model", num_replicas=1,
+                                     model_parallel_size=8, num_devices=8, num_processes=2,
+                                     description="ModelParallel over 8 CPU devices on 2 hosts")
+    with pytest.raises(ValueError, match=r"ema_momentum=0.9 with model parallelism over 2 hosts: .* "
+                                         r"--distribution data on several hosts"):
+        training.train(tiny_config(ema_momentum=0.9), tmp_path / "run", verbose=0, distribution=placement)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_failed_start_leaves_the_work_directory_usable(tmp_path):
