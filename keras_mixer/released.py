@@ -32,6 +32,7 @@ import urllib.parse
 import urllib.request
 
 from keras_mixer import npz
+from keras_mixer import storage
 
 OFFICIAL_URL = "https://storage.googleapis.com/mixer_models"
 
@@ -135,8 +136,20 @@ def default_cache_dir():
     """Where released checkpoints are kept: `$KERAS_MIXER_CACHE`, else
     `<keras_home()>/mixer_models` (by default `~/.keras/mixer_models`)."""
     if os.environ.get("KERAS_MIXER_CACHE"):
-        return pathlib.Path(os.environ["KERAS_MIXER_CACHE"])
+        return _local_cache(os.environ["KERAS_MIXER_CACHE"], "KERAS_MIXER_CACHE")
     return keras_home() / "mixer_models"
+
+
+def _local_cache(folder, what):
+    """`folder` as a Path; a URL is an error: the cache keeps a SHA-256
+    record beside each file and replaces files by renaming, which an object
+    store cannot do, and pathlib would turn gs://b/c into a local gs:/b/c."""
+    if storage.is_remote(str(folder)):
+        raise ValueError(
+            f"{what}={folder}: the checkpoint cache must be a local folder (it is checked "
+            "and replaced file by file). Use a local path; each host downloads its own copy once."
+        )
+    return pathlib.Path(folder)
 
 
 def sha256(path):
@@ -301,7 +314,7 @@ def fetch(name, cache_dir=None, mirror=None, timeout=10.0, allow_http=None):
             f"Unknown checkpoint name {name!r}. Released: {', '.join(RELEASES)}; "
             "or pass the path of an .npz file."
         )
-    target = (pathlib.Path(cache_dir) if cache_dir else default_cache_dir()) / f"{name}.npz"
+    target = (_local_cache(cache_dir, "cache_dir") if cache_dir else default_cache_dir()) / f"{name}.npz"
     if _cached(name, target):
         return target
     mirror = str(mirror or os.environ.get("KERAS_MIXER_MIRROR") or OFFICIAL_URL)

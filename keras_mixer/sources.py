@@ -13,7 +13,6 @@ download. Its pixels are scaled from 0..16 to [0, 255].
 import dataclasses
 import logging
 import os
-import pathlib
 import socket
 
 import numpy as np
@@ -25,6 +24,8 @@ except ImportError as error:
         "keras_mixer.sources builds tf.data pipelines and needs TensorFlow (on every Keras "
         "backend): pip install \"keras-mixer[train]\""
     ) from error
+
+from keras_mixer import storage
 
 DIGITS_IMAGE_SHAPE = (8, 8, 1)
 DIGITS_NUM_CLASSES = 10
@@ -215,6 +216,15 @@ def _decode_file(path, channels):
     return _decode_bytes(tf.io.read_file(path), channels)
 
 
+def _decode_remote_file(path, channels):
+    """`_decode_file` for a file in a bucket, read through `keras_mixer.storage`
+    (fsspec) rather than TensorFlow's own GCS client, so that it takes the
+    same credentials and endpoint (an emulator too) as the rest of a run."""
+    raw = tf.numpy_function(lambda p: storage.path(p.decode()).read_bytes(), [path], tf.string,
+                            stateful=False)
+    return _decode_bytes(tf.ensure_shape(raw, ()), channels)
+
+
 def _image_problem(path):
     """Why the file at `path` is not a whole JPEG or PNG, or None.
 
@@ -222,7 +232,7 @@ def _image_problem(path):
     end-of-image marker (JPEG's FFD9, PNG's IEND chunk), which a cut copy
     or download lacks. A broken body with both ends intact is not caught
     here; it fails at decoding."""
-    with open(path, "rb") as f:
+    with storage.path(path).open("rb") as f:
         head = f.read(8)
         f.seek(max(0, f.seek(0, 2) - 1024))
         tail = f.read()
@@ -247,11 +257,16 @@ def image_folder_source(root, split="train"):
     lists them. A file with both ends intact but a broken body fails at
     decoding, naming the op; remove it and rerun.
 
+    In a bucket (`root` a gs:// URL), the listing, the checks and the reads
+    go through `keras_mixer.storage`: two small reads per file to check it,
+    one per image read. For a large data set in a bucket, a tfds dataset
+    (`data_dir=gs://...`, TFRecord files) reads faster.
+
     Args:
-        root: path of the folder.
+        root: path of the folder, or its URL.
         split: "train" or "test".
     """
-    root = pathlib.Path(root)
+    root = storage.path(root)  # a local folder, or one in a bucket (gs://...)
     if not root.is_dir():
         raise FileNotFoundError(
             f"Image folder {str(root)!r} does not exist. Expected "
@@ -300,8 +315,8 @@ def image_folder_source(root, split="train"):
         )
     dataset = tf.data.Dataset.from_tensor_slices((paths, np.array(labels, "int32")))
     return Source(
-        dataset, _decode_file, len(paths), len(class_names),
-        f"image folder {split_dir}", tuple(skipped),
+        dataset, _decode_remote_file if storage.is_remote(root) else _decode_file, len(paths),
+        len(class_names), f"image folder {split_dir}", tuple(skipped),
     )
 
 

@@ -79,6 +79,20 @@ def test_download_once_records_the_sha256_then_cache_hits(tiny_release, tmp_path
     assert record == f"{released.sha256(cache / f'{name}.npz')}  Mixer-tiny.npz\n"
 
 
+def test_a_bucket_as_the_cache_is_refused_with_what_to_do(tiny_release, tmp_path, monkeypatch):
+    name, _, _ = tiny_release
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("KERAS_MIXER_CACHE", "gs://my-bucket/mixer_models")
+    with pytest.raises(ValueError, match=r"KERAS_MIXER_CACHE=gs://my-bucket/mixer_models: the checkpoint "
+                                         r"cache must be a local folder"):
+        released.fetch(name)
+    with pytest.raises(ValueError, match=r"cache_dir=gs://b/c: the checkpoint cache must be a local folder"):
+        released.fetch(name, cache_dir="gs://b/c")
+    assert list(cwd.iterdir()) == []  # no local gs:/ folder
+
+
 def test_a_file_that_is_not_what_its_name_promises_is_refused(tiny_release, tmp_path):
     """The tiny model served as the released B/16, by a URL or a folder mirror."""
     _, path, _ = tiny_release

@@ -111,6 +111,26 @@ def test_states_and_models_round_trip_through_the_store(gcs_bucket):
         checkpoint.load_model(gcs_bucket + "/nothing.keras")
 
 
+def test_an_image_folder_in_a_bucket_reads_as_a_local_one(gcs_bucket, tmp_path):
+    import numpy as np
+
+    from conftest import write_image_folder
+    from keras_mixer import data
+    from keras_mixer import sources
+
+    write_image_folder(tmp_path / "images")
+    storage.upload_folder(tmp_path / "images", gcs_bucket + "/images")
+    local = sources.image_folder_source(tmp_path / "images")
+    remote = sources.image_folder_source(gcs_bucket + "/images")
+    assert (remote.num_examples, remote.num_classes) == (local.num_examples, local.num_classes) == (6, 2)
+    assert remote.skipped == (f"{gcs_bucket}/images/cat/broken.jpg (not a JPEG or PNG)",)
+    got = [data.eval_pipeline(source, 6, (16, 16, 3)) for source in (local, remote)]
+    (x_local, y_local), = got[0]
+    (x_remote, y_remote), = got[1]
+    np.testing.assert_array_equal(x_remote.numpy(), x_local.numpy())
+    np.testing.assert_array_equal(y_remote.numpy(), y_local.numpy())
+
+
 def start(workdir, cwd, *extra):
     return subprocess.Popen(
         [sys.executable, *PYTHON_FLAGS, str(ROOT / "train.py"), "--workdir", workdir, *ARGS, *extra],
