@@ -260,17 +260,11 @@ class Upload(keras.callbacks.Callback):
         super().__init__()
         self.local, self.remote = local, remote
 
-    def upload(self):
-        if self.local.is_dir():
-            storage.upload_folder(self.local, self.remote)
-        elif self.local.exists():
-            self.remote.fs.put_file(str(self.local), self.remote.path)
-
     def on_epoch_end(self, epoch, logs=None):
-        self.upload()
+        storage.upload_folder(self.local, self.remote)
 
     def on_train_end(self, logs=None):
-        self.upload()
+        storage.upload_folder(self.local, self.remote)
 
 
 class BestModel(keras.callbacks.Callback):

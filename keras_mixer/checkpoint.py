@@ -229,7 +229,7 @@ def load_model(path):
 
     check_model_file(path)
     with storage.reading(path) as local:
-        if not zipfile.is_zipfile(local):
+        if storage.is_remote(path) and not zipfile.is_zipfile(local):  # a local one is checked above
             raise _not_a_keras_file(path)
         try:
             return keras.saving.load_model(local, compile=False)

@@ -18,7 +18,9 @@ DEBUG_ENV = "KERAS_MIXER_DEBUG"
 USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError, RuntimeError)
 
 
-# What makes a process one of several (keras_mixer.distribute.MULTI_HOST_ENV).
+# What makes a process one of several: Keras' variables, JAX's coordinator
+# variable, and KERAS_MIXER_MULTI_HOST (JAX finds the rest on a TPU pod or
+# under SLURM). A value of "" or "0" counts as unset.
 MULTI_HOST_ENV = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES",
                   "JAX_COORDINATOR_ADDRESS", "KERAS_MIXER_MULTI_HOST")
 

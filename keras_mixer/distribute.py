@@ -38,16 +38,15 @@ import os
 import keras
 import numpy as np
 
+from keras_mixer import cli
+
 
 MODES = ("auto", "data", "model", "none")
 
-# Environment variables that start a multi-host JAX run: Keras' own, and
-# JAX's coordinator variable.
-MULTI_HOST_ENV = (
-    "KERAS_DISTRIBUTION_JOB_ADDRESSES",
-    "KERAS_DISTRIBUTION_NUM_PROCESSES",
-    "JAX_COORDINATOR_ADDRESS",
-)
+# Environment variables that start a multi-host JAX run: Keras' own, JAX's
+# coordinator variable and KERAS_MIXER_MULTI_HOST. cli.py holds the list
+# (it reads it before Keras is imported).
+MULTI_HOST_ENV = cli.MULTI_HOST_ENV
 
 
 @dataclasses.dataclass
@@ -193,7 +192,7 @@ def _refuse_multi_process(backend, environ=None):
         return
     what = (f"TF_CONFIG names {workers} workers" if workers > 1 else
             "the environment describes a multi-process run (" + ", ".join(
-                k for k in (*MULTI_HOST_ENV, "KERAS_MIXER_MULTI_HOST") if environ.get(k)) + ")")
+                k for k in MULTI_HOST_ENV if environ.get(k)) + ")")
     why = ("Keras has no multi-process training for PyTorch yet" if backend == "torch"
            else "MultiWorkerMirroredStrategy fails inside Keras (keras issue 20585)")
     raise ValueError(
@@ -334,9 +333,7 @@ HEARTBEAT_ENV = "KERAS_MIXER_HEARTBEAT_TIMEOUT"
 
 def multi_host_wanted(environ=None):
     """Whether the environment describes a multi-host run (see `initialize_multi_host`)."""
-    environ = os.environ if environ is None else environ
-    return any(environ.get(k) for k in MULTI_HOST_ENV) or environ.get(
-        "KERAS_MIXER_MULTI_HOST", "") not in ("", "0")
+    return cli.multi_host_process(environ) is not None
 
 
 def initialize_multi_host(environ=None):

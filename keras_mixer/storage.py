@@ -221,11 +221,13 @@ def move(source, target):
 
 
 def upload_folder(local, remote):
-    """Copies every file under the local folder `local` to `remote` (same
-    relative paths), replacing what is there. For writers that only write
-    local files (TensorFlow's summary writer, whose gs:// client reads no
-    emulator variable and has no other backend)."""
+    """Copies the local file `local`, or every file under the local folder
+    `local` (same relative paths), to `remote`, replacing what is there; a
+    missing `local` copies nothing. For writers that only write local files
+    (Keras' CSVLogger appends; TensorFlow's summary writer, whose gs://
+    client reads no emulator variable and has no other backend)."""
     local, remote = pathlib.Path(local), path(remote)
-    for file in sorted(p for p in local.rglob("*") if p.is_file()):
+    files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+    for file in files:
         target = remote.joinpath(*file.relative_to(local).parts)
         target.fs.put_file(str(file), target.path)

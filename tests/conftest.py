@@ -172,10 +172,10 @@ def gcs_emulator(tmp_path_factory):
     import sys
     import time
 
+    from keras_mixer.launch import free_port
+
     pytest.importorskip("gcp_storage_emulator", reason="the test extra installs gcp-storage-emulator")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     log = tmp_path_factory.mktemp("gcs") / "emulator.log"
     with open(log, "w") as out:
         server = subprocess.Popen(

@@ -195,7 +195,7 @@ def test_arguments_and_batch_sizes_are_checked():
 
 
 def test_no_multi_host_start_without_its_environment(monkeypatch):
-    for name in distribute.MULTI_HOST_ENV + ("KERAS_MIXER_MULTI_HOST",):
+    for name in distribute.MULTI_HOST_ENV:
         monkeypatch.delenv(name, raising=False)
     assert distribute.initialize_multi_host() is False
 

@@ -78,11 +78,9 @@ def test_a_missing_bucket_is_one_line_before_anything_is_written(gcs_bucket):
 
 
 def test_an_unreachable_store_is_one_line_within_seconds(monkeypatch):
-    import socket
+    from keras_mixer.launch import free_port
 
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # a port nothing listens on
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
     begin = time.monotonic()
     with pytest.raises(ValueError, match=rf"--workdir gs://b/run: cannot reach 127.0.0.1:{port} \(.*\)\. "
