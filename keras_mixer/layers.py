@@ -9,6 +9,9 @@ all-MLP Architecture for Vision" (arXiv 2105.01601), and the official Flax
 module `vit_jax/models_mixer.py`.
 """
 
+import difflib
+import inspect
+
 import keras
 from keras import layers
 from keras import ops
@@ -55,6 +58,40 @@ def check_pair(name, value):
     return value
 
 
+# What `keras.layers.Layer.__init__` takes besides a layer's own arguments
+# (`input_shape`/`input_dim` with a warning, as Keras does).
+LAYER_KWARGS = ("activity_regularizer", "trainable", "dtype", "autocast", "name", "input_shape", "input_dim")
+
+
+def check_kwargs(owner, kwargs, valid):
+    """Raises a `TypeError` for the first key of `kwargs` not in `valid`,
+    naming it and the closest valid one: Python's error for an unexpected
+    keyword, where Keras would accept it silently (a functional model's
+    `**kwargs`) or raise a `ValueError` that suggests nothing."""
+    unknown = [key for key in kwargs if key not in valid]
+    if not unknown:
+        return
+    close = difflib.get_close_matches(unknown[0], list(valid), n=1, cutoff=0.6)
+    hint = f" Did you mean `{close[0]}`?" if close else ""
+    raise TypeError(
+        f"{owner} got an unexpected keyword argument `{unknown[0]}`.{hint} "
+        f"Valid arguments: {', '.join(sorted(valid))}."
+    )
+
+
+def check_layer_kwargs(layer, kwargs, extra=()):
+    """`check_kwargs` for a layer's `**kwargs`: valid are the arguments of
+    every `__init__` in its class hierarchy (a subclass's too), Keras'
+    base-layer arguments and `extra` (ones a Keras parent takes from its
+    own `**kwargs`)."""
+    valid = set(LAYER_KWARGS) | set(extra)
+    for cls in type(layer).__mro__:
+        if "__init__" in vars(cls) and issubclass(cls, layers.Layer):
+            valid.update(name for name, p in inspect.signature(cls.__init__).parameters.items()
+                         if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+    check_kwargs(type(layer).__name__, kwargs, valid)
+
+
 @keras.saving.register_keras_serializable(package="keras_mixer")
 class LayerNorm(layers.LayerNormalization):
     """`keras.layers.LayerNormalization` over the last axis, faster on JAX.
@@ -80,6 +117,9 @@ class LayerNorm(layers.LayerNormalization):
     """
 
     def __init__(self, epsilon=1e-6, **kwargs):
+        # `rms_scaling`: LayerNormalization's saved config has it, and its
+        # `__init__` takes it from `**kwargs` (Keras 3.15).
+        check_layer_kwargs(self, kwargs, extra=("rms_scaling",))
         super().__init__(epsilon=epsilon, **kwargs)
         if self.axis not in (-1, [-1]):
             raise ValueError(f"LayerNorm normalises the last axis only, got axis={self.axis}.")
@@ -132,6 +172,7 @@ class StochasticDepth(layers.Layer):
     """
 
     def __init__(self, rate, seed=None, **kwargs):
+        check_layer_kwargs(self, kwargs)
         super().__init__(**kwargs)
         check_rate("rate", rate)
         self.rate = float(rate)
@@ -213,6 +254,7 @@ class MLPBlock(layers.Layer):
         bias_initializer="zeros",
         **kwargs,
     ):
+        check_layer_kwargs(self, kwargs)
         super().__init__(**kwargs)
         check_positive_int("mlp_dim", mlp_dim)
         check_rate("dropout_rate", dropout_rate)
@@ -330,6 +372,7 @@ class MixerBlock(layers.Layer):
         remat=False,
         **kwargs,
     ):
+        check_layer_kwargs(self, kwargs)
         super().__init__(**kwargs)
         check_positive_int("tokens_mlp_dim", tokens_mlp_dim)
         check_positive_int("channels_mlp_dim", channels_mlp_dim)

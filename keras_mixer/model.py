@@ -5,6 +5,7 @@ from keras import layers
 
 from keras_mixer.layers import LayerNorm
 from keras_mixer.layers import MixerBlock
+from keras_mixer.layers import check_kwargs
 from keras_mixer.layers import check_pair
 from keras_mixer.layers import check_positive_int
 from keras_mixer.layers import check_rate
@@ -194,6 +195,9 @@ class MLPMixer(keras.Model):
         name="mlp_mixer",
         **kwargs,
     ):
+        # Keras' functional model ignores keys it does not know: a typo such
+        # as `droput_rate=0.5` would build a model without dropout.
+        check_kwargs("MLPMixer", kwargs, self._config_keys() + ("trainable",))
         patch = check_pair("patch_size", patch_size)
         image_shape = _check_image_shape(image_shape, patch)
         if dtype is not None:
@@ -376,12 +380,7 @@ class MLPMixer(keras.Model):
         (None, 512)
         """
         config = variant_config(name)
-        unknown = set(overrides) - set(cls._config_keys())
-        if unknown:
-            raise ValueError(
-                f"Unknown MLPMixer argument(s) {sorted(unknown)}. Valid: "
-                f"{', '.join(cls._config_keys())}."
-            )
+        check_kwargs("MLPMixer.from_variant", overrides, cls._config_keys())
         config.update(overrides)
         return cls(image_shape=image_shape, num_classes=num_classes, **config)
 

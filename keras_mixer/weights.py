@@ -26,6 +26,7 @@ import numpy as np
 from keras_mixer import hub
 from keras_mixer import npz
 from keras_mixer import released
+from keras_mixer.layers import check_kwargs
 from keras_mixer.model import MLPMixer
 
 
@@ -523,6 +524,10 @@ def reset_head(model, num_classes):
 def from_checkpoint(source, num_classes=None, image_shape=None, pretrained_image_shape=None,
                     cache_dir=None, mirror=None, **overrides):
     """Builds the `MLPMixer` of an official checkpoint; see `MLPMixer.from_checkpoint`."""
+    # Before any download: a misspelt argument is found in a second, not
+    # after a gigabyte.
+    check_kwargs("MLPMixer.from_checkpoint", overrides,
+                 MLPMixer._config_keys() + ("pretrained_image_shape", "cache_dir", "mirror"))
     params = read_official(source, cache_dir, mirror)
     config = official_config(params, image_shape, pretrained_image_shape)
     base_shape = config["image_shape"]
@@ -536,6 +541,7 @@ def from_checkpoint(source, num_classes=None, image_shape=None, pretrained_image
 
 def from_timm(source, num_classes=None, image_shape=None, **overrides):
     """Builds the `MLPMixer` of timm weights; see `MLPMixer.from_timm`."""
+    check_kwargs("MLPMixer.from_timm", overrides, MLPMixer._config_keys())
     files = hub.timm_files(source)
     params = timm_to_official(_read_timm_file(files.weights))
     cfg = files.pretrained_cfg

@@ -36,6 +36,23 @@ def test_stochastic_depth_checks():
     check_layer(StochasticDepth, {"rate": 0.3, "seed": 1}, (2, 5, 8))
 
 
+@pytest.mark.parametrize("build, wrong, right", [
+    (lambda: MLPBlock(16, droput_rate=0.1), "droput_rate", "dropout_rate"),
+    (lambda: MixerBlock(6, 16, stochastic_depth=0.1), "stochastic_depth", "stochastic_depth_rate"),
+    (lambda: StochasticDepth(0.1, sed=1), "sed", "seed"),
+    (lambda: LayerNorm(epsilom=1e-5), "epsilom", "epsilon"),
+])
+def test_a_misspelt_layer_argument_is_a_type_error_that_names_the_right_one(build, wrong, right):
+    with pytest.raises(TypeError, match=f"unexpected keyword argument `{wrong}`. Did you mean `{right}`"):
+        build()
+
+
+def test_the_base_layer_arguments_and_layer_normalization_s_own_are_still_taken():
+    norm = LayerNorm(center=False, name="norm", trainable=False, dtype="float32")
+    assert (norm.center, norm.name, norm.trainable) == (False, "norm", False)
+    assert MLPBlock(8, autocast=False, name="mlp").name == "mlp"
+
+
 def test_mixer_block_matches_numpy():
     """Token mixing acts across patches (transposed), channel mixing across channels."""
     block = MixerBlock(tokens_mlp_dim=6, channels_mlp_dim=16, layer_norm_epsilon=1e-6)

@@ -110,9 +110,43 @@ def test_unknown_variant_lists_valid_names():
         assert name in message
 
 
-def test_unknown_override_is_an_error():
-    with pytest.raises(ValueError, match="Unknown MLPMixer argument.*hiden_dim"):
-        MLPMixer.from_variant("S/32", hiden_dim=8)
+@pytest.mark.parametrize("build, owner", [
+    (lambda: tiny(droput_rate=0.5), "MLPMixer"),
+    (lambda: MLPMixer.from_variant("S/32", droput_rate=0.5), "MLPMixer.from_variant"),
+    # Checked before the checkpoint is looked for: no download, no cache.
+    (lambda: MLPMixer.from_checkpoint("imagenet21k/Mixer-B_16", droput_rate=0.5), "MLPMixer.from_checkpoint"),
+    (lambda: MLPMixer.from_timm("hf://timm/mixer_b16_224.goog_in21k", droput_rate=0.5), "MLPMixer.from_timm"),
+])
+def test_a_misspelt_argument_is_a_type_error_that_names_the_right_one(build, owner):
+    # Keras' functional model ignores keys it does not know: this built a
+    # model without dropout before.
+    with pytest.raises(TypeError, match=rf"^{owner} got an unexpected keyword argument `droput_rate`\. "
+                       r"Did you mean `dropout_rate`\?"):
+        build()
+
+
+def test_a_file_saved_before_pixel_mean_and_remat_existed_still_loads(tmp_path):
+    # The oldest config the model has saved lacked pixel_mean, pixel_std
+    # and remat: a file of that version, made by removing them from a file
+    # of this one, loads with their defaults and the same outputs.
+    import json
+    import zipfile
+
+    model = tiny(num_classes=3)
+    model.save(tmp_path / "new.keras")
+    with zipfile.ZipFile(tmp_path / "new.keras") as old, zipfile.ZipFile(tmp_path / "old.keras", "w") as new:
+        for item in old.infolist():
+            data = old.read(item)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                for key in ("pixel_mean", "pixel_std", "remat"):
+                    del config["config"][key]
+                data = json.dumps(config).encode()
+            new.writestr(item, data)
+    reloaded = keras.saving.load_model(tmp_path / "old.keras")
+    assert (reloaded.pixel_mean, reloaded.remat) == (None, False)
+    images = np.random.default_rng(0).uniform(0, 255, (2,) + model.image_shape).astype("float32")
+    np.testing.assert_array_equal(to_numpy(reloaded(images)), to_numpy(model(images)))
 
 
 # --- Architecture details ----------------------------------------------------
