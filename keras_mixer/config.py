@@ -29,6 +29,9 @@ AUTO = "auto"  # Keys with `auto=True` take it: decided for the devices found.
 # Evaluation crops of `data.center_crop` and implementations of `augment`;
 # written out here (this module imports neither), checked equal by the tests.
 EVAL_CROPS = ("resize-crop", "resmall-crop")
+# What an image folder does with a file whose body TensorFlow cannot decode
+# (keras_mixer.sources.image_folder_source).
+DAMAGED_IMAGES = ("error", "skip")
 AUGMENT_IMPLEMENTATIONS = ("keras_cv", "keras")
 
 
@@ -108,6 +111,9 @@ SCHEMA = (
     Key("dataset", "digits", (str,), '"digits" (embedded), a tfds name, or "image_folder"'),
     Key("data_dir", None, (str, NONE), "tfds data_dir, or the image folder's root"),
     Key("download", False, (bool,), "let tfds download missing data"),
+    Key("damaged_images", "error", (str,), "image folders: a file that does not decode stops the run "
+        "naming it (error), or is left out with a warning (skip: every file is decoded once first)",
+        choices=DAMAGED_IMAGES),
     Key("train_split", "train", (str,), "the training split"),
     Key("eval_split", "test", (str, NONE), "the evaluation split; None: no evaluation"),
     Key("image_size", 224, _PAIR, "int or [height, width]; the digits are always 8x8"),

@@ -12,6 +12,7 @@ resumes at step `s` builds the pipeline with `start_step=s` and sees exactly
 the batches an uninterrupted run would have seen from step `s` on.
 """
 
+import contextlib
 import dataclasses
 import math
 
@@ -357,7 +358,8 @@ def make_sources(config):
     """The `Sources` of a resolved config."""
     config_lib.check_resolved(config)
     def source(split):
-        return sources_lib.make_source(config["dataset"], split, config["data_dir"], config["download"])
+        return sources_lib.make_source(config["dataset"], split, config["data_dir"], config["download"],
+                                       config["damaged_images"])
 
     train = source(config["train_split"])
     if train.num_classes < 2:
@@ -386,6 +388,21 @@ class Datasets:
     steps_per_epoch: int
     num_classes: int
     image_shape: tuple
+    sources: object = None
+
+
+@contextlib.contextmanager
+def naming_damaged_images(sources):
+    """Turns a decoder's failure inside the pipelines of `sources` into a
+    `ValueError` that names the damaged files (`sources.named_decode_error`);
+    other errors pass unchanged."""
+    try:
+        yield
+    except Exception as error:
+        named = sources_lib.named_decode_error(error, (sources.train, sources.eval)) if sources else None
+        if named is None:
+            raise
+        raise named from error
 
 
 def make_datasets(config, micro_batch_size, placement=None, sources=None):
@@ -435,7 +452,7 @@ def make_datasets(config, micro_batch_size, placement=None, sources=None):
             num_shards=num_shards, shard_index=shard_index,
         ), placement, eval_batch // num_shards, sources.eval.num_examples)
     steps = source.num_examples // micro_batch_size
-    return Datasets(train_fn, eval_ds, steps, source.num_classes, shape)
+    return Datasets(train_fn, eval_ds, steps, source.num_classes, shape, sources)
 
 
 def pad_for_replicas(eval_ds, placement, host_batch_size, num_examples):

@@ -26,6 +26,7 @@ except ImportError as error:
     ) from error
 
 from keras_mixer import storage
+from keras_mixer.config import DAMAGED_IMAGES
 
 DIGITS_IMAGE_SHAPE = (8, 8, 1)
 DIGITS_NUM_CLASSES = 10
@@ -49,6 +50,8 @@ class Source:
             images are never resized (the digits), else None.
         arrays: `(images, labels)` NumPy arrays of an in-memory source,
             which its training pipeline gathers from directly, else None.
+        files: the image files of an image folder (to name a damaged
+            one), else empty.
     """
 
     dataset: object
@@ -59,6 +62,7 @@ class Source:
     skipped: tuple = ()
     image_shape: tuple = None
     arrays: tuple = dataclasses.field(default=None, repr=False, compare=False)
+    files: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
 
 def load_digits(test_fraction=0.2, split_seed=0):
@@ -243,7 +247,7 @@ def _image_problem(path):
     return "not a JPEG or PNG"
 
 
-def image_folder_source(root, split="train"):
+def image_folder_source(root, split="train", damaged="error"):
     """A `Source` of a folder of images, one subfolder per class.
 
     Layouts: `root/<class>/*.{jpg,jpeg,png}` (one split, "train"), or
@@ -254,8 +258,12 @@ def image_folder_source(root, split="train"):
     mislabelled files) or lack its end-of-image marker (cut copies) are
     skipped, counted and logged once with their paths and the reason; the
     choice keeps one bad file from stopping a long run, and `Source.skipped`
-    lists them. A file with both ends intact but a broken body fails at
-    decoding, naming the op; remove it and rerun.
+    lists them. Those two checks read a few bytes per file. A file with
+    both ends intact but a broken body is found only by decoding it:
+    `damaged="error"` (the default) decodes as it reads, and a failure is a
+    `ValueError` naming the file (`named_decode_error`, which finds it);
+    `damaged="skip"` decodes every file once here, in parallel (one epoch's
+    decoding), and skips the ones that fail with a warning naming them.
 
     In a bucket (`root` a gs:// URL), the listing, the checks and the reads
     go through `keras_mixer.storage`: two small reads per file to check it,
@@ -265,7 +273,10 @@ def image_folder_source(root, split="train"):
     Args:
         root: path of the folder, or its URL.
         split: "train" or "test".
+        damaged: "error" or "skip" (`DAMAGED_IMAGES`).
     """
+    if damaged not in DAMAGED_IMAGES:
+        raise ValueError(f"damaged_images={damaged!r}: use one of {', '.join(DAMAGED_IMAGES)}.")
     root = storage.path(root)  # a local folder, or one in a bucket (gs://...)
     if not root.is_dir():
         raise FileNotFoundError(
@@ -303,6 +314,12 @@ def image_folder_source(root, split="train"):
                 continue
             paths.append(str(path))
             labels.append(label)
+    decode = _decode_remote_file if storage.is_remote(root) else _decode_file
+    if damaged == "skip" and paths:
+        bad = set(find_damaged(paths, decode))
+        skipped += [f"{path} (TensorFlow cannot decode it)" for path in paths if path in bad]
+        labels = [label for path, label in zip(paths, labels) if path not in bad]
+        paths = [path for path in paths if path not in bad]
     if skipped:
         logging.warning(
             "Skipped %d file(s) in %s that are not whole JPEG or PNG images: %s",
@@ -315,15 +332,51 @@ def image_folder_source(root, split="train"):
         )
     dataset = tf.data.Dataset.from_tensor_slices((paths, np.array(labels, "int32")))
     return Source(
-        dataset, _decode_remote_file if storage.is_remote(root) else _decode_file, len(paths),
-        len(class_names), f"image folder {split_dir}", tuple(skipped),
+        dataset, decode, len(paths), len(class_names), f"image folder {split_dir}", tuple(skipped),
+        files=tuple(paths),
     )
 
 
-def make_source(dataset, split, data_dir=None, download=False):
+def find_damaged(paths, decode, channels=3):
+    """The files of `paths` that `decode` fails on, in order.
+
+    Decodes them all in a parallel tf.data pass that drops the failures
+    (`ignore_errors`): the ones that come through are whole, the rest are
+    damaged."""
+    dataset = tf.data.Dataset.from_tensor_slices(list(paths))
+    dataset = dataset.map(lambda path: (path, tf.shape(decode(path, channels))),
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    whole = {path.decode() for path, _ in dataset.ignore_errors().as_numpy_iterator()}
+    return [path for path in paths if path not in whole]
+
+
+def named_decode_error(error, sources):
+    """A `ValueError` naming the damaged files behind `error`, or None.
+
+    TensorFlow's decoders fail inside tf.data without naming the file
+    ("Invalid PNG data", "jpeg::Uncompress failed"). When `error` is such a
+    failure and one of `sources` is an image folder, its files are decoded
+    again to find the damaged ones (`find_damaged`), and the error says
+    which, and how to go on."""
+    if not isinstance(error, tf.errors.InvalidArgumentError) or "Decode" not in str(error):
+        return None
+    for source in sources:
+        damaged = find_damaged(source.files, source.decode) if source is not None and source.files else []
+        if damaged:
+            shown = ", ".join(damaged[:10]) + (f" and {len(damaged) - 10} more" if len(damaged) > 10 else "")
+            return ValueError(
+                f"{len(damaged)} damaged image(s) in {source.description} that TensorFlow cannot decode: "
+                f"{shown}. Replace or delete them, or set damaged_images='skip' to leave them out with "
+                "a warning; the same command then resumes from the last saved state."
+            )
+    return None
+
+
+def make_source(dataset, split, data_dir=None, download=False, damaged="error"):
     """The `Source` of a config's `dataset`: "digits", a tfds name or "image_folder".
 
-    For "image_folder", `data_dir` is the folder's root.
+    For "image_folder", `data_dir` is the folder's root, and `damaged` says
+    what to do with a file that does not decode (`image_folder_source`).
     """
     if dataset == "image_folder":
         if not data_dir:
@@ -331,7 +384,7 @@ def make_source(dataset, split, data_dir=None, download=False):
                 "dataset='image_folder' needs `data_dir`, the folder's root "
                 "(root/<class>/*.jpg|png or root/train/<class>/...)."
             )
-        return image_folder_source(data_dir, split)
+        return image_folder_source(data_dir, split, damaged)
     if dataset == "digits":
         return digits_source(split)
     return tfds_source(dataset, split, data_dir=data_dir, download=download)

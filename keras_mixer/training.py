@@ -153,6 +153,11 @@ def _segments(start, total, steps_per_epoch):
             step += epochs * steps_per_epoch
 
 
+# Keys a resumed run may change: skipping the damaged images that stopped a
+# run leaves out what deleting them would.
+RESUMABLE_CHANGES = ("damaged_images",)
+
+
 def _check_workdir_config(path, config):
     if not path.exists():
         return
@@ -163,7 +168,8 @@ def _check_workdir_config(path, config):
             f"{path} is damaged ({error}), so the run in {path.parent} cannot be checked "
             "before resuming. Use a new --workdir, or restore that file."
         ) from None
-    changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
+    changed = sorted(k for k in set(previous) | set(config)
+                     if previous.get(k) != config.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         raise ValueError(
             f"{path.parent} holds a run with a different config ({', '.join(changed)} "
@@ -444,7 +450,7 @@ def _fit(run, verbose):
     """Runs `model.fit` over the remaining steps; returns the merged history."""
     history = {}
     begin = time.perf_counter()
-    with callbacks_lib.Preemption() as preemption, _staging(run):
+    with callbacks_lib.Preemption() as preemption, _staging(run), data.naming_damaged_images(run.datasets.sources):
         make_callbacks = _callbacks(run, preemption)
         try:
             for epoch, num_epochs, steps, first_step in _segments(run.start, run.total, run.steps_per_epoch):
@@ -480,7 +486,8 @@ def _results(run, history):
             # The last epoch's validation already evaluated the final weights.
             metrics = {k[4:]: history[k][-1] for k in history if k.startswith("val_")}
         else:
-            metrics = run.model.evaluate(run.datasets.eval, return_dict=True, verbose=0)
+            with data.naming_damaged_images(run.datasets.sources):
+                metrics = run.model.evaluate(run.datasets.eval, return_dict=True, verbose=0)
         results.update(
             test_accuracy=float(metrics["accuracy"]), test_top5=float(metrics["top5"]),
             test_loss=float(metrics["loss"]),

@@ -44,6 +44,42 @@ def test_image_folder_mixed_sizes_and_formats_skips_corrupt_and_cut_files(tmp_pa
         np.testing.assert_allclose(images.mean((1, 2, 3)), 20 + 100 * labels.argmax(1), atol=2)
 
 
+def damage_body(path):
+    """Zeroes 40 bytes in the middle of an image file, its signature and
+    end marker intact: the listing's checks pass, TensorFlow's decoder fails."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 40] = bytes(40)
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_image_mid_folder_is_named_when_it_fails_or_skipped_with_a_warning(tmp_path, caplog):
+    paths = write_image_folder(tmp_path, per_class=4, corrupt=False)
+    damage_body(paths[2])  # cat/img2.png
+    source = sources.image_folder_source(tmp_path)
+    assert source.num_examples == 8 and not source.skipped
+    dataset, _ = data.train_pipeline(source, 4, SHAPE, seed=0)
+    with pytest.raises(ValueError) as info:
+        with data.naming_damaged_images(data.Sources(source, None, 2, 8)):
+            batches(dataset, 4)
+    message = str(info.value)
+    assert f"1 damaged image(s) in image folder {tmp_path}" in message and str(paths[2]) in message
+    assert "damaged_images='skip'" in message and str(paths[0]) not in message
+    # Any other error passes unchanged.
+    with pytest.raises(KeyError):
+        with data.naming_damaged_images(data.Sources(source, None, 2, 8)):
+            raise KeyError("x")
+
+    skipping = sources.make_source("image_folder", "train", str(tmp_path), damaged="skip")
+    assert skipping.num_examples == 7 and skipping.skipped == (f"{paths[2]} (TensorFlow cannot decode it)",)
+    assert f"{paths[2]} (TensorFlow cannot decode it)" in caplog.text
+    dataset, _ = data.train_pipeline(skipping, 7, SHAPE, seed=0)
+    for images, labels in batches(dataset, 3):
+        np.testing.assert_allclose(images.mean((1, 2, 3)), 20 + 100 * labels.argmax(1), atol=2)
+    with pytest.raises(ValueError, match="damaged_images='later': use one of error, skip"):
+        sources.image_folder_source(tmp_path, damaged="later")
+
+
 def test_image_folder_with_splits_and_clear_errors(tmp_path):
     write_image_folder(tmp_path / "train", corrupt=False)
     write_image_folder(tmp_path / "test", per_class=1, corrupt=False)

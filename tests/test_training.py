@@ -452,6 +452,21 @@ def test_a_failed_start_leaves_the_work_directory_usable(tmp_path):
     assert results["steps"] == 11 and json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 1
 
 
+def test_a_damaged_image_stops_a_run_naming_it_and_skip_trains_on_the_rest(tmp_path):
+    from conftest import write_image_folder
+    from test_sources import damage_body
+
+    paths = write_image_folder(tmp_path / "images", per_class=4, corrupt=False)
+    damage_body(paths[6])  # dog/img2.png (a JPEG with a damaged middle may still decode)
+    config = tiny_config(dataset="image_folder", data_dir=str(tmp_path / "images"), image_size=16,
+                         eval_split=None, batch_size=4, epochs=1)
+    config["model"].update(patch_size=4)
+    with pytest.raises(ValueError, match=f"damaged image.*{paths[6]}.*damaged_images='skip'"):
+        training.train(config, tmp_path / "run", verbose=0)
+    results = training.train({**config, "damaged_images": "skip"}, tmp_path / "run", verbose=0)
+    assert results["steps"] == 1  # 7 images, batch 4
+
+
 def test_log_rows_are_neither_lost_nor_repeated_across_a_kill(tmp_path, monkeypatch):
     # The kill comes after epoch 1's row is logged and its end-of-epoch state
     # (step 22) is written; the resume from step 22 repeats nothing. A second
