@@ -1,6 +1,6 @@
 """How the commands report errors: one line for a user's mistake, a traceback on request.
 
-`train.py`, `python -m keras_mixer.evaluation`, `.export` and `.predict`
+The `keras-mixer` subcommands (keras_mixer/commands.py) and `train.py`
 run their `main` through `run`: an error a user can fix (a missing or
 unreadable file, a bad setting, a model that does not fit the data, a full
 disk, a busy work directory) prints `error: <what and how to fix it>` and
@@ -23,6 +23,24 @@ USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError, RuntimeErro
 # under SLURM). A value of "" or "0" counts as unset.
 MULTI_HOST_ENV = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES",
                   "JAX_COORDINATOR_ADDRESS", "KERAS_MIXER_MULTI_HOST")
+
+
+# The extra that installs each backend's framework.
+BACKEND_EXTRAS = {"tensorflow": "train", "jax": "jax", "torch": "torch"}
+
+
+def backend_import_error(error):
+    """An `ImportError` that says which extra to install, for `error` raised
+    while Keras imported the framework of its backend; None for any other."""
+    name = (getattr(error, "name", None) or "").split(".")[0]
+    if name not in BACKEND_EXTRAS:
+        return None
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow (Keras' default)")
+    extra = BACKEND_EXTRAS[name]
+    return ImportError(
+        f"Keras' backend {backend} needs {name}, which this environment lacks: "
+        f'pip install "keras-mixer[{extra}]", or choose an installed backend with KERAS_BACKEND=jax, '
+        "tensorflow or torch.")
 
 
 def multi_host_process(environ=None):

@@ -1,7 +1,7 @@
 """Evaluation: top-1, top-5, loss, confusion matrix and the paper's few-shot linear probe.
 
-    python -m keras_mixer.evaluation --model runs/digits/model.keras --config digits
-    python -m keras_mixer.evaluation --model m.keras --config cifar10_finetune \
+    keras-mixer evaluate --model runs/digits/model.keras --config digits
+    keras-mixer evaluate --model m.keras --config cifar10_finetune \
         --set data_dir=/data/tfds eval_crop=resmall-crop --few_shot 1 5 10 25 --out_dir eval/
 
 `evaluate` is the one evaluation path: this command and `train.py
@@ -270,8 +270,9 @@ def format_results(name, results):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog=None):
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a .keras file")
     parser.add_argument("--config", default="digits", help="config name or .py file (its data)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")

@@ -1,6 +1,6 @@
 """Export a trained Mixer to SavedModel, TFLite/LiteRT and ONNX, each checked against Keras.
 
-    python -m keras_mixer.export --model runs/digits/model.keras --out_dir export/ \
+    keras-mixer export --model runs/digits/model.keras --out_dir export/ \
         --formats saved_model tflite onnx --quantization float16 dynamic_range int8
 
 Keras writes these files from the TensorFlow backend, so `export` loads the
@@ -440,8 +440,9 @@ def format_report(report):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog=None):
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a .keras file, or a .weights.h5 file with --config")
     parser.add_argument("--config", help="JSON file of MLPMixer arguments (for .weights.h5)")
     parser.add_argument("--out_dir", default="export", help="(default: %(default)s)")

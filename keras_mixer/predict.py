@@ -1,7 +1,7 @@
 """Classify images with a trained or exported Mixer and print the top-5 classes.
 
-    python -m keras_mixer.predict --model runs/digits/model.keras digit.png
-    python -m keras_mixer.predict --model export/model_int8.tflite cat.jpg dog.png
+    keras-mixer predict --model runs/digits/model.keras digit.png
+    keras-mixer predict --model export/model_int8.tflite cat.jpg dog.png
 
 `--model` is a `.keras` file, a SavedModel directory, a `.tflite` file or
 a `.onnx` file. Images (JPEG, PNG, BMP, GIF) are resized and center-cropped
@@ -122,8 +122,9 @@ def predict(model_path, image_paths, class_names=None, top=5):
     return results
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog=None):
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--class_names", help="a JSON list of class names")
     parser.add_argument("--top", type=int, default=5)

@@ -14,11 +14,13 @@ step 1.4x faster (1.2x on another 2-core machine, `benchmarks/bench_model.py
 --malloc both`). glibc reads `GLIBC_TUNABLES` once, at process start, so
 `train.py` calls `ensure_malloc_tunables()` before it imports Keras: when
 the variable is unset it sets it and re-executes the same command (once;
-the variable marks it done), which repeats only the interpreter start. The
-`python -m keras_mixer.*` commands (export, predict, evaluate) run no
-training steps and are left alone: `import keras_mixer` imports Keras, so
-a restart there would cost seconds. In a notebook, set the variable before
-the kernel starts (it cannot be changed from inside).
+the variable marks it done), which repeats only the interpreter start.
+`keras-mixer train` does the same, but the package (and so Keras) is
+imported before any of its code runs, so there the restart repeats a Keras
+import (3 to 8 s on 2 cores), small beside a training run. The other
+subcommands (export, predict, evaluate) run no training steps and are left
+alone. In a notebook, set the variable before the kernel starts (it cannot
+be changed from inside).
 
 This module imports only the standard library, so `train.py` can load it
 before the package.

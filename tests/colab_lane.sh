@@ -59,7 +59,7 @@ KERAS_BACKEND=jax KERAS_MIXER_TEST_INSTALLED=1 TF_CPP_MIN_LOG_LEVEL=2 \
   tests/test_package.py tests/test_model.py tests/test_layers.py tests/test_weights.py \
   tests/test_released.py tests/test_config.py tests/test_training.py tests/test_notebooks.py \
   tests/test_features.py tests/test_quantize.py tests/test_lora.py tests/test_hub.py \
-  tests/test_storage.py "$@"
+  tests/test_storage.py tests/test_commands.py "$@"
 status=$?
 rm -rf "$dist"
 echo "colab lane: $(( $(date +%s) - start )) s in all"

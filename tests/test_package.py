@@ -11,7 +11,8 @@ from conftest import ROOT
 
 STDLIB = set(sys.stdlib_module_names)
 PACKAGE = ROOT / "keras_mixer"
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+# (`__main__` is the command's two lines, tested in test_commands.)
+MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__"))
 # The test file of each module (the notebooks', the package's and the
 # distributed runner's live beside them).
 TESTS = {p.stem[len("test_"):] for p in (ROOT / "tests").glob("test_*.py")}

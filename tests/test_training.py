@@ -293,7 +293,7 @@ def test_train_py_without_its_extra_names_the_one_to_install():
                             text=True, timeout=120)
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-2:] == [
-        "error: train.py needs sklearn, tensorboard, which this environment lacks: "
+        "error: training needs sklearn, tensorboard, which this environment lacks: "
         'pip install "keras-mixer[train]" (or pip install -e ".[train]" in a checkout).',
         "(run with --debug or KERAS_MIXER_DEBUG=1 for the traceback)"]
 
