@@ -440,13 +440,30 @@ def format_report(report):
     return "\n".join(lines)
 
 
+def _write_preset(source, preset_dir):
+    """`--formats kerashub`: a KerasHub preset (keras_mixer.kerashub.save_preset)."""
+    try:
+        from keras_mixer import kerashub
+    except ModuleNotFoundError as error:
+        if error.name != "keras_hub":
+            raise
+        raise ImportError('The kerashub format needs KerasHub: pip install "keras-mixer[kerashub]" '
+                          "(keras-hub 0.32 needs keras>=3.15).") from None
+    kerashub.save_preset(source, preset_dir)
+    print(f"wrote the KerasHub preset {preset_dir} (keras_hub.models.ImageClassifier.from_preset"
+          f"({str(preset_dir)!r}); keras_hub.upload_preset('hf://user/repo', {str(preset_dir)!r}) shares it)")
+
+
 def main(argv=None, prog=None):
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a .keras file, or a .weights.h5 file with --config")
     parser.add_argument("--config", help="JSON file of MLPMixer arguments (for .weights.h5)")
     parser.add_argument("--out_dir", default="export", help="(default: %(default)s)")
-    parser.add_argument("--formats", nargs="+", default=list(FORMATS), help=f"any of {', '.join(FORMATS)}")
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS),
+                        help=f"any of {', '.join(FORMATS)} (default), and kerashub: a KerasHub preset in "
+                        "<out_dir>/kerashub, for which --model may also be an official checkpoint "
+                        "(imagenet21k/Mixer-B_16, a .npz) or timm weights (hf://timm/...)")
     parser.add_argument("--quantization", nargs="+", default=["float32"],
                         help=f"TFLite: any of {', '.join(QUANTIZATIONS)} (default: float32)")
     parser.add_argument("--representative_data",
@@ -460,9 +477,14 @@ def main(argv=None, prog=None):
         out_dir.mkdir(parents=True, exist_ok=True)
         _export_here(args.model, out_dir, formats, quantization, args.representative_data, args.config)
         return 0
+    formats = [f for f in args.formats if f != "kerashub"]
+    if "kerashub" in args.formats:
+        _write_preset(args.model, pathlib.Path(args.out_dir) / "kerashub")
+        if not formats:
+            return 0
     data = np.load(args.representative_data) if args.representative_data else None
     try:
-        report = export(args.model, args.out_dir, args.formats, args.quantization, data, args.config)
+        report = export(args.model, args.out_dir, formats, args.quantization, data, args.config)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -121,6 +121,59 @@ def _concrete_policies(model):
             layer._dtype_policy = policy[layer.path] if layer.path in policy else policy.default_policy
 
 
+def check_architecture(image_shape, patch_size, num_blocks, hidden_dim, tokens_mlp_dim, channels_mlp_dim,
+                       dropout_rate, stochastic_depth_rate):
+    """Checks a Mixer's sizes and rates; returns `(image_shape, patch, num_tokens)`."""
+    patch = check_pair("patch_size", patch_size)
+    image_shape = _check_image_shape(image_shape, patch)
+    for arg, value in (
+        ("num_blocks", num_blocks),
+        ("hidden_dim", hidden_dim),
+        ("tokens_mlp_dim", tokens_mlp_dim),
+        ("channels_mlp_dim", channels_mlp_dim),
+    ):
+        check_positive_int(arg, value)
+    check_rate("dropout_rate", dropout_rate)
+    check_rate("stochastic_depth_rate", stochastic_depth_rate)
+    height, width, _ = image_shape
+    return image_shape, patch, (height // patch[0]) * (width // patch[1])
+
+
+def mixer_trunk(x, patch, num_tokens, num_blocks, hidden_dim, tokens_mlp_dim, channels_mlp_dim,
+                dropout_rate, stochastic_depth_rate, layer_norm_epsilon, gelu_approximate, seed, remat, dtype):
+    """The layers from the patch embedding to the pre-head LayerNorm, on
+    symbolic images `x`: `(batch, num_tokens, hidden_dim)` tokens. `MLPMixer`
+    and KerasHub's `MixerBackbone` (keras_mixer.kerashub) are built from it,
+    so their layers, names and weights are the same."""
+    x = layers.Conv2D(
+        hidden_dim,
+        kernel_size=patch,
+        strides=patch,
+        padding="valid",
+        kernel_initializer="lecun_normal",
+        dtype=dtype,
+        name="stem",
+    )(x)
+    x = layers.Reshape((num_tokens, hidden_dim), dtype=dtype, name="tokens")(x)
+    for i in range(num_blocks):
+        # Linear in depth, 0 at the first block and the full rate at the
+        # last, as in the paper (and timm's `drop_path_rate`).
+        block_rate = stochastic_depth_rate * i / max(num_blocks - 1, 1)
+        x = MixerBlock(
+            tokens_mlp_dim,
+            channels_mlp_dim,
+            dropout_rate=dropout_rate,
+            stochastic_depth_rate=block_rate,
+            layer_norm_epsilon=layer_norm_epsilon,
+            gelu_approximate=gelu_approximate,
+            seed=None if seed is None else seed + 2 * i,
+            dtype=dtype,
+            remat=remat,
+            name=f"block_{i}",
+        )(x)
+    return LayerNorm(epsilon=layer_norm_epsilon, dtype=dtype, name="pre_head_layer_norm")(x)
+
+
 @keras.saving.register_keras_serializable(package="keras_mixer")
 class MLPMixer(keras.Model):
     """MLP-Mixer (Tolstikhin et al., 2021), as a functional Keras model.
@@ -198,25 +251,15 @@ class MLPMixer(keras.Model):
         # Keras' functional model ignores keys it does not know: a typo such
         # as `droput_rate=0.5` would build a model without dropout.
         check_kwargs("MLPMixer", kwargs, self._config_keys() + ("trainable",))
-        patch = check_pair("patch_size", patch_size)
-        image_shape = _check_image_shape(image_shape, patch)
+        image_shape, patch, num_tokens = check_architecture(
+            image_shape, patch_size, num_blocks, hidden_dim, tokens_mlp_dim, channels_mlp_dim,
+            dropout_rate, stochastic_depth_rate)
         if dtype is not None:
             # Once, so every layer shares one policy (or one DTypePolicyMap
             # of a quantized model's saved config).
             dtype = keras.dtype_policies.get(dtype)
-        for arg, value in (
-            ("num_blocks", num_blocks),
-            ("hidden_dim", hidden_dim),
-            ("tokens_mlp_dim", tokens_mlp_dim),
-            ("channels_mlp_dim", channels_mlp_dim),
-        ):
-            check_positive_int(arg, value)
         if num_classes is not None:
             check_positive_int("num_classes", num_classes)
-        check_rate("dropout_rate", dropout_rate)
-        check_rate("stochastic_depth_rate", stochastic_depth_rate)
-        height, width, _ = image_shape
-        num_tokens = (height // patch[0]) * (width // patch[1])
 
         # === Functional graph ===
         inputs = keras.Input(shape=image_shape, name="images")
@@ -232,35 +275,10 @@ class MLPMixer(keras.Model):
                 scale=[1.0 / (255.0 * s) for s in pixel_std],
                 offset=[-m / s for m, s in zip(pixel_mean, pixel_std)], dtype=dtype, name="rescaling",
             )(x)
-        x = layers.Conv2D(
-            hidden_dim,
-            kernel_size=patch,
-            strides=patch,
-            padding="valid",
-            kernel_initializer="lecun_normal",
-            dtype=dtype,
-            name="stem",
-        )(x)
-        x = layers.Reshape((num_tokens, hidden_dim), dtype=dtype, name="tokens")(x)
-        for i in range(num_blocks):
-            # Linear in depth, 0 at the first block and the full rate at the
-            # last, as in the paper (and timm's `drop_path_rate`).
-            block_rate = stochastic_depth_rate * i / max(num_blocks - 1, 1)
-            x = MixerBlock(
-                tokens_mlp_dim,
-                channels_mlp_dim,
-                dropout_rate=dropout_rate,
-                stochastic_depth_rate=block_rate,
-                layer_norm_epsilon=layer_norm_epsilon,
-                gelu_approximate=gelu_approximate,
-                seed=None if seed is None else seed + 2 * i,
-                dtype=dtype,
-                remat=remat,
-                name=f"block_{i}",
-            )(x)
-        x = LayerNorm(
-            epsilon=layer_norm_epsilon, dtype=dtype, name="pre_head_layer_norm"
-        )(x)
+        x = mixer_trunk(
+            x, patch, num_tokens, num_blocks, hidden_dim, tokens_mlp_dim, channels_mlp_dim,
+            dropout_rate, stochastic_depth_rate, layer_norm_epsilon, gelu_approximate, seed, remat, dtype,
+        )
         x = layers.GlobalAveragePooling1D(dtype=dtype, name="pre_logits")(x)
         if num_classes is not None:
             # Under a mixed policy the head computes in float32 (_head_dtype).
