@@ -442,13 +442,8 @@ def format_report(report):
 
 def _write_preset(source, preset_dir):
     """`--formats kerashub`: a KerasHub preset (keras_mixer.kerashub.save_preset)."""
-    try:
-        from keras_mixer import kerashub
-    except ModuleNotFoundError as error:
-        if error.name != "keras_hub":
-            raise
-        raise ImportError('The kerashub format needs KerasHub: pip install "keras-mixer[kerashub]" '
-                          "(keras-hub 0.32 needs keras>=3.15).") from None
+    from keras_mixer import kerashub  # an ImportError names the extra
+
     kerashub.save_preset(source, preset_dir)
     print(f"wrote the KerasHub preset {preset_dir} (keras_hub.models.ImageClassifier.from_preset"
           f"({str(preset_dir)!r}); keras_hub.upload_preset('hf://user/repo', {str(preset_dir)!r}) shares it)")

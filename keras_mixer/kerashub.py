@@ -35,8 +35,13 @@ and `keras_hub.models.ImageClassifier.from_preset` rebuild them.
 import pathlib
 
 import keras
-import keras_hub
 import numpy as np
+
+try:
+    import keras_hub
+except ModuleNotFoundError as error:
+    raise ImportError('keras_mixer.kerashub needs KerasHub: pip install "keras-mixer[kerashub]" '
+                      "(keras-hub 0.32 needs keras>=3.15).") from error
 
 if tuple(int(part) for part in keras_hub.__version__.split(".")[:2]) < (0, 32):
     raise ImportError(f"keras_mixer.kerashub needs keras-hub>=0.32 (this environment has "

@@ -31,7 +31,10 @@ NOTEBOOKS = ROOT / "notebooks"
 # Each notebook and the files it must leave in its working directory.
 EXPECTED = {
     "01_quickstart.ipynb": ["quickstart/log.csv", "quickstart/curves.png", "quickstart/model.keras"],
-    "02_finetune_pretrained.ipynb": ["finetune/cifar10_2x.keras", "finetune/cifar10_2x.npz"],
+    "02_finetune_pretrained.ipynb": [
+        "finetune/cifar10_2x.keras", "finetune/cifar10_2x.npz", "finetune/cifar10.keras",
+        "finetune/cifar10.lora.npz", "finetune/cifar10_int8.keras", "finetune/export_int8/saved_model",
+    ],
     "03_pretrain_tpu.ipynb": [
         "runs/pretrain_s16_imagenette/model.keras",
         "runs/pretrain_s16_imagenette/results.json",
@@ -39,6 +42,7 @@ EXPECTED = {
     ],
     "04_inspect.ipynb": [
         "inspect/digits_curves.png", "inspect/digits_confusion.png", "inspect/digits_stem.png",
+        "inspect/digits_feature_maps.png",
         *[f"inspect/digits_token_mixing_block{b}.png" for b in range(4)],
         "inspect/pretrained_token_mixing_block0.png", "inspect/pretrained_token_mixing_block1.png",
         "inspect/pretrained_stem.png",
@@ -54,11 +58,12 @@ EXPECTED = {
 # The extras each notebook installs: only what it uses. Every one feeds
 # tf.data (`train`); Colab's TPU runtime ships JAX.
 EXTRAS = {
-    "01_quickstart.ipynb": "[train,viz]", "02_finetune_pretrained.ipynb": "[train]",
+    "01_quickstart.ipynb": "[train,viz]", "02_finetune_pretrained.ipynb": "[train,timm]",
     "03_pretrain_tpu.ipynb": "[train,viz]", "04_inspect.ipynb": "[train,viz]",
     "05_export.ipynb": "[train,litert]",
 }
 RELEASED_NAME = "smoke/Mixer-tiny"  # registered by the notebooks under SMOKE_TEST
+TIMM_ID = "timm/mixer_tiny.smoke"  # 02's hf:// id under SMOKE_TEST
 # The backends each notebook runs on here. They are Colab TPU notebooks
 # and choose JAX themselves, so each runs on JAX, in the JAX pass and in the
 # Colab lane (Colab's versions). The quickstart says it runs on JAX,
@@ -210,6 +215,15 @@ def notebook_env(tmp_path, monkeypatch):
     (tmp_path / "home").mkdir()
     for variable in ("KERAS_MIXER_CACHE", "KERAS_HOME", "KERAS_MIXER_SMOKE_CHECKPOINT"):
         monkeypatch.delenv(variable, raising=False)
+    # timm's tiny fixture as a Hub download leaves it in the default
+    # Hugging Face cache (~/.cache/huggingface), for 02's TIMM_ID; offline.
+    from test_hub import GOOGLE
+    from test_hub import _hub_cache
+
+    _hub_cache(tmp_path / "home" / ".cache" / "huggingface", TIMM_ID, *GOOGLE)
+    for variable in [v for v in os.environ if v.startswith("HF_")]:
+        monkeypatch.delenv(variable)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("KERAS_MIXER_MIRROR", str(tmp_path / "mirror"))
     monkeypatch.setenv("KERAS_MIXER_SMOKE_TEST", "1")
@@ -260,3 +274,23 @@ def test_notebook_runs(name, notebook_env):
     if name == "05_export.ipynb":
         report = json.loads((notebook_env / "exported/export_report.json").read_text())
         assert [e["passed"] for e in report["files"]] == [True] * 4
+        if _kerashub_installed():  # the kerashub extra (not in the Colab lane: keras 3.13)
+            assert (notebook_env / "exported/kerashub/config.json").is_file()
+            difference = re.search(r"MixerImageClassifier from exported/kerashub: max \|logit - Keras\| "
+                                   r"(\S+), top-1 agreement 1\.0000", text)
+            assert difference and float(difference.group(1)) <= 1e-5, text[-3000:]
+        else:
+            assert 'No KerasHub preset: keras_mixer.kerashub needs KerasHub: pip install' in text
+    if name == "02_finetune_pretrained.ipynb":
+        assert re.search(r"LoRA rank 8 on \d+ Dense layers", text) and "finetune/cifar10.lora.npz" in text
+        assert "hf://timm/mixer_tiny.smoke: image (32, 32, 3)" in text and "exact GELU: True" in text
+        lora, full = (notebook_env / "finetune/cifar10.lora.npz"), (notebook_env / "finetune/cifar10.keras")
+        assert lora.stat().st_size < full.stat().st_size
+
+
+def _kerashub_installed():
+    try:
+        from keras_mixer import kerashub  # noqa: F401
+    except ImportError:
+        return False
+    return True
