@@ -556,6 +556,21 @@ def sync_state(model):
         model.jax_state_sync()
 
 
+def feeds_batches_itself(model):
+    """Whether `MLPMixer.predict` may feed a NumPy array to the compiled
+    predict step batch by batch: on TensorFlow without a tf.distribute
+    strategy (the model's own or an open scope), and on PyTorch. JAX, a
+    strategy, or a distribution take Keras' own `predict`."""
+    backend = keras.backend.backend()
+    if backend == "torch":
+        return keras.distribution.distribution() is None
+    if backend != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return getattr(model, "_distribute_strategy", None) is None and not tf.distribute.has_strategy()
+
+
 def release_strategy(model):
     """Lets a built model's `fit` take its tf.distribute strategy from the scope.
 

@@ -125,6 +125,43 @@ def test_a_misspelt_argument_is_a_type_error_that_names_the_right_one(build, own
         build()
 
 
+def test_predict_on_an_array_gives_keras_own_outputs_callbacks_and_progress(capsys):
+    # On TensorFlow and PyTorch MLPMixer.predict feeds the batches itself
+    # (faster there); the numbers, callbacks and progress bar are Keras'.
+    model = tiny()
+    rng = np.random.default_rng(0)
+    for variable in model.weights:
+        variable.assign(rng.normal(0, 0.2, variable.shape).astype("float32"))
+    images = rng.uniform(0, 255, (70,) + model.image_shape).astype("float32")
+    expected = keras.Model.predict(model, images, batch_size=32, verbose=0)
+
+    class Seen(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.batches = []
+
+        def on_predict_batch_end(self, batch, logs=None):
+            self.batches.append((batch, logs["outputs"].shape[0]))
+
+    seen = Seen()
+    outputs = model.predict(images, callbacks=[seen], verbose=1)
+    np.testing.assert_array_equal(outputs, to_numpy(expected))
+    assert isinstance(outputs, np.ndarray) and seen.batches == [(0, 32), (1, 32), (2, 6)]
+    assert "3/3" in capsys.readouterr().out
+    # A dataset, and `steps`, take Keras' own path, with the same numbers.
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices(images).batch(32)
+    np.testing.assert_allclose(model.predict(dataset, verbose=0), outputs, atol=1e-6)
+    np.testing.assert_allclose(model.predict(images, steps=2, batch_size=32, verbose=0), outputs[:64], atol=1e-6)
+
+    class Stop(keras.callbacks.Callback):
+        def on_predict_batch_end(self, batch, logs=None):
+            self.model.stop_predicting = True
+
+    assert model.predict(images, callbacks=[Stop()], verbose=0).shape[0] == 32
+
+
 def test_a_file_saved_before_pixel_mean_and_remat_existed_still_loads(tmp_path):
     # The oldest config the model has saved lacked pixel_mean, pixel_std
     # and remat: a file of that version, made by removing them from a file

@@ -74,7 +74,7 @@ def test_layers_and_model_import_only_keras_numpy_and_stdlib():
             assert root in STDLIB or root in {"keras", "numpy"} or name in {
                 f"keras_mixer.{a}" for a in allowed} or name == "keras_mixer.layers", (module, name)
     lazy = package_imports("model") - package_imports("model", top_level_only=True)
-    assert lazy == {"weights", "lora", "distribute"}
+    assert lazy == {"weights", "lora", "distribute"}  # distribute: compile's XLA choice, predict's path
     # PyTorch's kernels, inside the PyTorch branches only; PyTorch itself is
     # imported inside torch_eager's functions.
     assert package_imports("layers") == {"torch_eager"}
@@ -82,7 +82,7 @@ def test_layers_and_model_import_only_keras_numpy_and_stdlib():
     tree = ast.parse((PACKAGE / "model.py").read_text())
     functions = [node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
                  and any(isinstance(n, ast.ImportFrom) for n in ast.walk(node))]
-    assert functions == ["compile", "from_checkpoint", "from_timm", "enable_lora", "save_lora_weights",
+    assert functions == ["compile", "predict", "from_checkpoint", "from_timm", "enable_lora", "save_lora_weights",
                          "load_lora_weights"]
 
 
