@@ -24,7 +24,9 @@ backend's reference in the same process, alternating between them:
 Both sides of a pair run the same shapes, batch, dtype and GELU. Modes:
 "infer" is a forward pass (keras-mixer: `model.predict_on_batch`);
 "predict" is `model.predict` over `PREDICT_BATCHES` batches, the call a
-notebook makes (the references run their forward pass as often); "train" is
+notebook makes (the references run their forward pass as often; the impl
+"keras_own" is the same model through Keras' own `Model.predict`, which
+`MLPMixer.predict` replaces for NumPy arrays on TensorFlow and PyTorch); "train" is
 a full step: forward, backward, Adam update (`model.train_on_batch`).
 "keras" is compiled as `train.py` compiles it (`optim.compile_model`'s
 `jit_compile`); "keras_plain" as a notebook user writes it, a plain
@@ -121,7 +123,12 @@ def keras_runner(cfg, dtype, gelu_approximate=True, jit_compile=None, plain=Fals
     def predict():
         return model.predict(many, batch_size=len(images), verbose=0)
 
-    return {"train": train, "infer": infer, "predict": predict}
+    def keras_own_predict():
+        # Keras' own `Model.predict` (its input pipeline), which MLPMixer.predict
+        # replaces for NumPy arrays on TensorFlow and PyTorch: the "before".
+        return keras.Model.predict(model, many, batch_size=len(images), verbose=0)
+
+    return {"train": train, "infer": infer, "predict": predict, "keras_own_predict": keras_own_predict}
 
 
 # --- References ----------------------------------------------------------------
@@ -387,6 +394,10 @@ def worker(backend, configs, dtypes, modes, repeats, steps, torch_compile=False,
                        REFERENCES[backend]: RUNNERS[REFERENCES[backend]](cfg, dtype)}
             if plain:
                 runners["keras_plain"] = keras_runner(cfg, dtype, gelu_approximate, plain=True)
+            if "predict" in modes:
+                # The same model through Keras' own `Model.predict`, side by side.
+                own = runners["keras"]
+                runners["keras_own"] = {"predict": own["keras_own_predict"]}
             if torch_compile and backend == "torch":
                 # keras-mixer under `jit_compile=True`: torch.compile (Inductor).
                 runners["keras_tc"] = keras_runner(cfg, dtype, gelu_approximate, jit_compile=True)
@@ -394,9 +405,13 @@ def worker(backend, configs, dtypes, modes, repeats, steps, torch_compile=False,
                 samples = {impl: [] for impl in runners}
                 for _ in range(repeats):  # alternate: both see the same machine state
                     for impl, fns in runners.items():
+                        if mode not in fns:
+                            continue
                         batches = PREDICT_BATCHES if mode == "predict" else 1
                         samples[impl].append(batches * cfg["batch"] / _time(fns[mode], steps))
                 for impl, values in samples.items():
+                    if not values:
+                        continue
                     print("RESULT " + json.dumps(dict(
                         backend=backend, impl=impl, config=name, dtype=dtype, mode=mode,
                         images_per_second=values, peak_gflops=peak,
