@@ -73,6 +73,8 @@ def usage():
 def main(argv=None):
     """The console script: `keras-mixer SUBCOMMAND [flags]`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == cli.DEBUG_FLAG:  # `keras-mixer --debug train ...`
+        argv = argv[1:] + argv[:1]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2

@@ -179,6 +179,12 @@ def image_converter(model):
 def to_kerashub(model):
     """A `MixerImageClassifier` (a `MixerBackbone` for a model without a head)
     with `model`'s weights, copied exactly, and its preprocessing."""
+    from keras_mixer import quantize
+
+    if quantize.quantized_modes(model):
+        raise ValueError(
+            f"{model.name} is quantized ({', '.join(quantize.quantized_modes(model))}); convert the float "
+            "model, then quantize the KerasHub one (classifier.quantize('int8')), as KerasHub does.")
     config = model.get_config()
     backbone = MixerBackbone(**{key: config[key] for key in BACKBONE_KEYS}, dtype=config["dtype"])
     for layer in backbone.layers:

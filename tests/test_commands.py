@@ -38,6 +38,8 @@ def test_help_lists_the_subcommands_and_a_wrong_one_is_one_line_with_the_closest
         "predict, export (keras-mixer --help).")
     assert commands.main([]) == 2 and capsys.readouterr().err.startswith("usage: keras-mixer")
     assert commands.main(["--version"]) == 0 and capsys.readouterr().out.strip() == "keras-mixer 0.1.0"
+    # --debug before the subcommand is the same as after it.
+    assert commands.main(["--debug", "trian"]) == 2 and "'trian'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name, flags", [

@@ -170,6 +170,12 @@ def test_unknown_arguments_and_wrong_models_are_clear_errors():
         kerashub.from_kerashub(keras.Sequential([keras.layers.Dense(2)]))
     with pytest.raises(ValueError, match="multiples of the patch size|multiple"):
         MixerBackbone(**{**TINY, "image_shape": (18, 16, 3)})
+    from keras_mixer import quantize
+
+    quantized = random_mixer()
+    quantize.quantize(quantized, "int8")
+    with pytest.raises(ValueError, match=r"is quantized \(int8\); convert the float model, then quantize"):
+        kerashub.to_kerashub(quantized)
 
 
 def test_preset_metadata_names_the_classes(tmp_path):
