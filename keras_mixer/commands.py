@@ -185,9 +185,9 @@ def _add_output_flags(parser):
     )
 
 
-# What training needs beyond the core package, by the extra that installs it.
-EXTRAS = {"tensorflow": "train", "tensorflow_datasets": "train", "sklearn": "train",
-          "tensorboard": "train", "jax": "jax", "torch": "torch"}
+# What training needs beyond the core package, by the extra that installs it
+# (the backends' frameworks as `cli` names them for Keras' own import).
+EXTRAS = {**cli.BACKEND_EXTRAS, "tensorflow_datasets": "train", "sklearn": "train", "tensorboard": "train"}
 
 
 def missing_extras(backend):

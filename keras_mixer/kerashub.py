@@ -49,11 +49,13 @@ if tuple(int(part) for part in keras_hub.__version__.split(".")[:2]) < (0, 32):
                       "keras>=3.15).")
 
 from keras_mixer import checkpoint
+from keras_mixer import hub
 from keras_mixer.layers import check_kwargs
 from keras_mixer.model import MLPMixer
 from keras_mixer.model import _concrete_policies
 from keras_mixer.model import check_architecture
 from keras_mixer.model import mixer_trunk
+from keras_mixer.model import pixel_scaling
 
 # The MLPMixer arguments that make the backbone (no head, no preprocessing).
 BACKBONE_KEYS = ("image_shape", "patch_size", "num_blocks", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim",
@@ -168,11 +170,8 @@ def image_converter(model):
     `include_preprocessing` does: its size, its scaling (none without it)."""
     height, width, _ = model.image_shape
     scale = offset = None
-    if model.include_preprocessing and model.pixel_mean is None:
-        scale, offset = 1.0 / 127.5, -1.0
-    elif model.include_preprocessing:
-        scale = [1.0 / (255.0 * s) for s in model.pixel_std]
-        offset = [-m / s for m, s in zip(model.pixel_mean, model.pixel_std)]
+    if model.include_preprocessing:
+        scale, offset = pixel_scaling(model.pixel_mean, model.pixel_std)
     return MixerImageConverter(image_size=(height, width), scale=scale, offset=offset)
 
 
@@ -181,9 +180,10 @@ def to_kerashub(model):
     with `model`'s weights, copied exactly, and its preprocessing."""
     from keras_mixer import quantize
 
-    if quantize.quantized_modes(model):
+    modes = quantize.quantized_modes(model)
+    if modes:
         raise ValueError(
-            f"{model.name} is quantized ({', '.join(quantize.quantized_modes(model))}); convert the float "
+            f"{model.name} is quantized ({', '.join(modes)}); convert the float "
             "model, then quantize the KerasHub one (classifier.quantize('int8')), as KerasHub does.")
     config = model.get_config()
     backbone = MixerBackbone(**{key: config[key] for key in BACKBONE_KEYS}, dtype=config["dtype"])
@@ -263,7 +263,7 @@ def _load(source, **kwargs):
     text = str(source)
     if text.endswith(".keras"):
         return checkpoint.load_model(text)
-    if text.startswith("hf://") or text.endswith((".safetensors", ".bin", ".pth")) or (
+    if text.startswith(hub.HF_PREFIX) or text.endswith((".safetensors", ".bin", ".pth")) or (
             pathlib.Path(text).is_dir() and (pathlib.Path(text) / "config.json").exists()):
         return MLPMixer.from_timm(text, **kwargs)
     return MLPMixer.from_checkpoint(text, **kwargs)

@@ -82,6 +82,17 @@ def _check_normalization(mean, std, channels, include_preprocessing):
     return mean, std
 
 
+def pixel_scaling(pixel_mean, pixel_std):
+    """`(scale, offset)` that map [0, 255] pixels to the model's inputs as
+    `x * scale + offset`: [-1, 1] without a mean and std (the official
+    models), else `(x / 255 - mean) / std` as one multiply-add per channel.
+    The `rescaling` layer of `include_preprocessing`, and KerasHub's
+    `MixerImageConverter` (keras_mixer.kerashub), compute it."""
+    if pixel_mean is None:
+        return 1.0 / 127.5, -1.0
+    return [1.0 / (255.0 * s) for s in pixel_std], [-m / s for m, s in zip(pixel_mean, pixel_std)]
+
+
 def _head_dtype(dtype):
     """The head's policy: under a mixed policy (e.g. "mixed_bfloat16") it
     computes in the variable dtype, so logits stay float32 for softmax,
@@ -266,16 +277,9 @@ class MLPMixer(keras.Model):
         inputs = keras.Input(shape=image_shape, name="images")
         x = inputs
         pixel_mean, pixel_std = _check_normalization(pixel_mean, pixel_std, image_shape[2], include_preprocessing)
-        if include_preprocessing and pixel_mean is None:
-            x = layers.Rescaling(
-                scale=1.0 / 127.5, offset=-1.0, dtype=dtype, name="rescaling"
-            )(x)
-        elif include_preprocessing:
-            # (x / 255 - mean) / std as one multiply-add per channel.
-            x = layers.Rescaling(
-                scale=[1.0 / (255.0 * s) for s in pixel_std],
-                offset=[-m / s for m, s in zip(pixel_mean, pixel_std)], dtype=dtype, name="rescaling",
-            )(x)
+        if include_preprocessing:
+            scale, offset = pixel_scaling(pixel_mean, pixel_std)
+            x = layers.Rescaling(scale=scale, offset=offset, dtype=dtype, name="rescaling")(x)
         x = mixer_trunk(
             x, patch, num_tokens, num_blocks, hidden_dim, tokens_mlp_dim, channels_mlp_dim,
             dropout_rate, stochastic_depth_rate, layer_norm_epsilon, gelu_approximate, seed, remat, dtype,
