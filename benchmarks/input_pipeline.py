@@ -8,11 +8,24 @@ directory and times `keras_mixer.data.train_pipeline` with more and more
 of the paper's stages switched on, for KerasCV and for the Keras-core
 fallback, in one run so that the ratios are comparable on a shared
 machine. Everything runs in tf.data, so the Keras backend does not matter.
+
+The row "as of fcd1949" rebuilds the pretraining pipeline as it was
+before issue 30: KerasCV's RandAugment over each batch (with its zero
+shear) and MixUp/CutMix on the host, CutMix relabelled through a one-hot
+of every pixel's origin. `mix_on=device` rows time what the host still
+does when MixUp and CutMix run in the train step: it draws their
+parameters only.
+
+Then, per CPU core, how many cores each pipeline needs to feed an
+accelerator training B/16 at 224: the accelerator's rate is its bf16
+peak x an assumed MFU / (3 x the forward FLOPs of an image), the
+assumptions printed beside the table.
 """
 
 import argparse
 import os
 import pathlib
+import sys
 import tempfile
 import time
 
@@ -24,6 +37,14 @@ import tensorflow as tf  # noqa: E402
 from keras_mixer import augment  # noqa: E402
 from keras_mixer import data  # noqa: E402
 from keras_mixer import sources  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import machine  # noqa: E402
+import shapes  # noqa: E402
+
+# bf16 dense peaks per chip (vendor figures) and the MFU assumed for B/16.
+ACCELERATORS = (("TPU v5e-1", 197e12), ("TPU v5e-8", 8 * 197e12), ("H100 SXM", 989e12))
+MFU = 0.5
 
 
 def write_folder(root, num_images, seed=0):
@@ -57,6 +78,54 @@ def decode_only(source, batch_size):
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
+def before_issue_30(randaugment_magnitude=15, mixup=0.5, cutmix=1.0, seed=0):
+    """The pretraining augmentation as of fcd1949, over batches (see the docstring)."""
+    import keras_cv
+
+    randaugment = keras_cv.layers.RandAugment(
+        value_range=(0, 255), augmentations_per_image=2,
+        magnitude=augment.randaugment_strength(randaugment_magnitude), seed=seed)
+    mix = keras_cv.layers.MixUp(alpha=mixup, seed=seed + 1)
+    cut = keras_cv.layers.CutMix(alpha=cutmix, seed=seed + 2)
+
+    def cut_with_one_hot_labels(images, labels):
+        batch = tf.shape(images)[0]
+        marker = tf.broadcast_to(tf.cast(tf.range(batch), images.dtype)[:, None, None, None],
+                                 tf.concat([tf.shape(images)[:-1], [1]], 0))
+        out = cut({"images": tf.concat([images, marker], -1), "labels": labels})
+        mixed = tf.cast(out["images"], tf.float32)
+        origin = tf.cast(tf.round(mixed[..., -1]), tf.int32)
+        shares = tf.reduce_mean(tf.one_hot(origin, batch), axis=[1, 2])
+        return mixed[..., :-1], tf.matmul(shares, tf.cast(labels, tf.float32))
+
+    def mix_up(images, labels):
+        out = mix({"images": images, "labels": labels})
+        return tf.cast(out["images"], tf.float32), tf.cast(out["labels"], tf.float32)
+
+    def batch(images, labels, step):
+        images = tf.clip_by_value(tf.cast(randaugment(tf.cast(images, tf.float32)), tf.float32), 0.0, 255.0)
+        coin = tf.random.stateless_uniform([], seed=tf.stack([tf.cast(seed, tf.int64), step]))
+        return tf.cond(coin < 0.5, lambda: mix_up(images, labels),
+                       lambda: cut_with_one_hot_labels(images, labels))
+
+    return batch
+
+
+def cores_table(rows, cores):
+    b16 = shapes.CONFIGS["b16"]
+    step_flops = 3 * shapes.forward_flops(b16)
+    names = [name for name, _ in ACCELERATORS]
+    print(f"\nhost CPU cores to feed B/16 at 224 (training {step_flops / 1e9:.1f} GFLOP/image, "
+          f"MFU {MFU:.0%} of the bf16 peak assumed)")
+    print(f"{'pipeline':<48} {'img/s/core':>10} " + " ".join(f"{n:>11}" for n in names))
+    print(f"{'accelerator images/s':<48} {'':>10} "
+          + " ".join(f"{peak * MFU / step_flops:>11.0f}" for _, peak in ACCELERATORS))
+    for name, rate in rows:
+        per_core = rate / cores
+        need = " ".join(f"{peak * MFU / step_flops / per_core:>11.0f}" for _, peak in ACCELERATORS)
+        print(f"{name:<48} {per_core:>10.1f} {need}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=256)
@@ -71,27 +140,43 @@ def main():
         rows = [("decode + resize", "-", decode_only(source, args.batch_size))]
         rows.append(("+ Inception crop, flip", "-",
                      data.train_pipeline(source, args.batch_size, shape)[0]))
+        rows.append(("+ RandAugment + MixUp/CutMix, as of fcd1949", "keras_cv", data.train_pipeline(
+            source, args.batch_size, shape, batch_augment=before_issue_30())[0]))
         stages = [
             ("+ RandAugment(2, 15)", dict(randaugment_magnitude=15)),
-            ("+ RandAugment + MixUp 0.5", dict(randaugment_magnitude=15, mixup=0.5)),
-            ("+ RandAugment + MixUp/CutMix", dict(randaugment_magnitude=15, mixup=0.5, cutmix=1.0)),
+            ("+ RandAugment + MixUp/CutMix, mix_on=host", dict(
+                randaugment_magnitude=15, mixup=0.5, cutmix=1.0, mix_on="host")),
+            ("+ RandAugment + MixUp/CutMix, mix_on=device", dict(
+                randaugment_magnitude=15, mixup=0.5, cutmix=1.0, mix_on="device")),
         ]
         for implementation in augment.IMPLEMENTATIONS:
             for name, kwargs in stages:
-                fn = augment.batch_augmenter(implementation=implementation, **kwargs)
-                dataset = data.train_pipeline(source, args.batch_size, shape, batch_augment=fn)[0]
+                image, batch = augment.augmenters(implementation=implementation, **kwargs)
+                dataset = data.train_pipeline(source, args.batch_size, shape,
+                                              image_augment=image, batch_augment=batch)[0]
                 rows.append((name, implementation, dataset))
 
+        cores = len(os.sched_getaffinity(0))
+        print(machine.describe())
         print(f"input pipeline at 224x224, batch {args.batch_size}, "
-              f"{os.cpu_count()} CPU cores, {args.batches} timed batches")
-        print(f"{'stage':<32} {'implementation':<15} {'images/s':>9} {'vs crop+flip':>12}")
-        baseline = None
+              f"{cores} CPU cores, {args.batches} timed batches")
+        print(f"{'stage':<48} {'implementation':<15} {'images/s':>9} {'vs crop+flip':>12}")
+        baseline, rates = None, {}
         for name, implementation, dataset in rows:
             rate = images_per_second(dataset, args.batches, args.batch_size)
+            rates[name, implementation] = rate
             if name.startswith("+ Inception"):
                 baseline = rate
             ratio = f"{rate / baseline:.2f}x" if baseline else "-"
-            print(f"{name:<32} {implementation:<15} {rate:>9.1f} {ratio:>12}")
+            print(f"{name:<48} {implementation:<15} {rate:>9.1f} {ratio:>12}", flush=True)
+        before = rates["+ RandAugment + MixUp/CutMix, as of fcd1949", "keras_cv"]
+        after = rates["+ RandAugment + MixUp/CutMix, mix_on=device", "keras_cv"]
+        print(f"\npretraining pipeline (KerasCV): {after / before:.2f}x the images/s of fcd1949")
+        cores_table([
+            ("fine-tuning: crop, flip", rates["+ Inception crop, flip", "-"]),
+            ("pretraining as of fcd1949", before),
+            ("pretraining, mix_on=device", after),
+        ], cores)
 
 
 if __name__ == "__main__":

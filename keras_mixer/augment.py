@@ -1,9 +1,12 @@
 """Batch augmentations of the paper's recipes: RandAugment, MixUp, CutMix.
 
-`batch_augmenter(...)` returns one function `(images, labels, step) ->
-(images, labels)` that runs inside a `tf.data` map on every Keras backend
-(Keras preprocessing layers switch to TensorFlow ops inside tf.data).
-Two implementations sit behind the same function, chosen by one flag:
+`augmenters(...)` returns the two halves that `keras_mixer.data` runs in
+`tf.data` on every Keras backend (Keras preprocessing layers switch to
+TensorFlow ops inside tf.data): `image`, RandAugment on one image, run in
+the parallel per-example map next to decoding and cropping, and `batch`,
+`(images, labels, step) -> (images, labels)`, MixUp or CutMix on the
+batch. `batch_augmenter(...)` chains the two on batches. Two
+implementations sit behind the same functions, chosen by one flag:
 
 - "keras_cv" (default): KerasCV 0.9 layers. Its RandAugment samples the ops
   per image and ran about 10x faster in tf.data than Keras core's here.
@@ -26,6 +29,7 @@ unlike crops, flips and data order they are not replayed when a run
 resumes: a resumed run continues with fresh draws.
 """
 
+import collections
 import logging
 
 try:
@@ -39,6 +43,9 @@ except ImportError as error:
 from keras_mixer import config as config_lib
 
 IMPLEMENTATIONS = config_lib.AUGMENT_IMPLEMENTATIONS  # ("keras_cv", "keras")
+
+MIX_ON = config_lib.MIX_ON  # ("device", "host")
+Augmenters = collections.namedtuple("Augmenters", ["image", "batch"])
 
 
 def randaugment_strength(magnitude):
@@ -62,10 +69,10 @@ def _layers(implementation, randaugment_layers, randaugment_magnitude, mixup, cu
                 "augment_impl='keras_cv' needs KerasCV: pip install \"keras-mixer[train]\"; "
                 "or set augment_impl='keras' for the Keras-core layers."
             ) from error
-        randaugment = lambda: keras_cv.layers.RandAugment(  # noqa: E731
+        randaugment = lambda: _one_shear_transform(keras_cv.layers.RandAugment(  # noqa: E731
             value_range=(0, 255), augmentations_per_image=randaugment_layers,
             magnitude=randaugment_strength(randaugment_magnitude), seed=seed,
-        )
+        ))
         mix = lambda: keras_cv.layers.MixUp(alpha=mixup, seed=seed + 1)  # noqa: E731
         cut = lambda: keras_cv.layers.CutMix(alpha=cutmix, seed=seed + 2)  # noqa: E731
     elif implementation == "keras":
@@ -82,11 +89,44 @@ def _layers(implementation, randaugment_layers, randaugment_magnitude, mixup, cu
             f"Unknown augmentation implementation {implementation!r}. Valid: "
             f"{', '.join(IMPLEMENTATIONS)}."
         )
-    return (
-        randaugment() if randaugment_layers and randaugment_magnitude else None,
-        mix() if mixup else None,
-        cut() if cutmix else None,
-    )
+    # The layers compute in float32 whatever the global dtype policy: the
+    # pipeline's pixels are float32, and under mixed_bfloat16 (chosen by
+    # mixed_precision) the RandAugment and CutMix sublayers that took the
+    # policy mixed bfloat16 into float32 and failed.
+    import keras
+
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        return (
+            randaugment() if randaugment_layers and randaugment_magnitude else None,
+            mix() if mixup else None,
+            cut() if cutmix else None,
+        )
+    finally:
+        keras.config.set_dtype_policy(policy)
+
+
+def _one_shear_transform(randaugment):
+    """Drops the zero shear that KerasCV's RandAugment shears also apply.
+
+    Its shear_x op is `RandomShear(x_factor=..., y_factor=0)`, which warps
+    every image twice: by the sampled x shear, then by a y shear of exactly
+    0, the identity. A warp was the costliest op in the pipeline (a
+    bilinear, reflecting `ImageProjectiveTransformV3` of the whole image),
+    so this halved the cost of two of RandAugment's ten ops. An identity
+    warp samples every pixel at its own integer position, so leaving it
+    out changes no pixel (tests/test_augment.py checks that).
+    """
+    import keras_cv
+
+    for layer in randaugment.layers:
+        if isinstance(layer, keras_cv.layers.RandomShear):
+            for name in ("x_factor", "y_factor"):
+                factor = getattr(layer, name)
+                if isinstance(factor, keras_cv.core.ConstantFactorSampler) and factor.value == 0:
+                    setattr(layer, name, None)
+    return randaugment
 
 
 def _cutmix_exact_areas(layer, images, labels):
@@ -106,18 +146,97 @@ def _cutmix_exact_areas(layer, images, labels):
     out = layer({"images": tf.concat([images, marker], -1), "labels": labels})
     mixed = tf.cast(out["images"], tf.float32)
     origin = tf.cast(tf.round(mixed[..., -1]), tf.int32)
-    shares = tf.reduce_mean(tf.one_hot(origin, batch), axis=[1, 2])
+    # Pixel counts per (image, origin) pair: a one-hot of every pixel's
+    # origin would be batch^2 * H * W floats (200 MB at batch 32, 224^2).
+    pairs = origin + batch * tf.range(batch)[:, None, None]
+    counts = tf.math.bincount(tf.reshape(pairs, [-1]), minlength=batch * batch,
+                              maxlength=batch * batch, dtype=tf.float32)
+    pixels = tf.cast(tf.shape(origin)[1] * tf.shape(origin)[2], tf.float32)
+    shares = tf.reshape(counts, [batch, batch]) / pixels
     return mixed[..., :-1], tf.matmul(shares, tf.cast(labels, tf.float32))
 
 
-def batch_augmenter(randaugment_layers=2, randaugment_magnitude=0, mixup=0.0,
-                    cutmix=0.0, implementation="keras_cv", seed=0):
-    """Returns `augment(images, labels, step)` for `tf.data`, or None if all are off.
+def _beta(shape, alpha, seed):
+    """Stateless Beta(alpha, alpha) draws, as the ratio of two Gamma draws."""
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    first = tf.random.stateless_gamma(shape, seeds[0], alpha=alpha)
+    return first / (first + tf.random.stateless_gamma(shape, seeds[1], alpha=alpha))
 
-    Images are float batches in [0, 255] and labels one-hot (or soft)
-    vectors. RandAugment comes first, then MixUp or CutMix. With both on,
-    each batch uses one of them, chosen by a coin flip seeded by `step` (as
-    timm does), so labels stay a mix of two images.
+
+def _pixels_inside(begin, end, size):
+    """How many of the integers 0..size-1 lie in [begin, end)."""
+    size = tf.cast(size, tf.float32)
+    return tf.clip_by_value(tf.math.ceil(end), 0.0, size) - tf.clip_by_value(tf.math.ceil(begin), 0.0, size)
+
+
+def mix_parameters(batch_size, image_size, step, mixup=0.0, cutmix=0.0, seed=0):
+    """The MixUp or CutMix of batch `step`, as rows for `keras_mixer.mixing.mix`.
+
+    The draws are KerasCV's: per image, lambda ~ Beta(mixup, mixup) for
+    MixUp; for CutMix, lambda ~ Beta(cutmix, cutmix), a box of sides
+    sqrt(1 - lambda) times the image's, centred uniformly on the image,
+    its pixels those whose row and column indices fall inside it. The
+    label weight of CutMix is the share of pixels the box leaves, after
+    clipping to the image (KerasCV weighs by the unclipped box; see
+    `_cutmix_exact_areas`). With both on, a coin flip per batch picks one.
+    Stateless in (`seed`, `step`), so a resumed run draws the same.
+
+    Returns:
+        float32 (batch_size, 6), laid out as `keras_mixer.mixing.PARAMETERS`.
+    """
+    height, width = image_size
+    seeds = tf.random.experimental.stateless_split(
+        tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64)]), 4)
+    shape = [batch_size]
+    empty = tf.zeros(shape)
+
+    def mixup_rows():
+        weight = _beta(shape, mixup, seeds[0])
+        return tf.stack([weight, weight, empty, empty, empty, empty], axis=1)
+
+    def cutmix_rows():
+        side = tf.sqrt(1.0 - _beta(shape, cutmix, seeds[1]))
+        centre = tf.random.stateless_uniform([2, batch_size], seeds[2])
+        rows, cols = side * height, side * width
+        top, left = centre[0] * height - rows / 2, centre[1] * width - cols / 2
+        bottom, right = top + rows, left + cols
+        pasted = _pixels_inside(top, bottom, height) * _pixels_inside(left, right, width)
+        own = 1.0 - pasted / float(height * width)
+        return tf.stack([tf.ones(shape), own, top, bottom, left, right], axis=1)
+
+    if mixup and cutmix:
+        coin = tf.random.stateless_uniform([], seeds[3])
+        return tf.cond(coin < 0.5, mixup_rows, cutmix_rows)
+    return mixup_rows() if mixup else cutmix_rows()
+
+
+def _device_mixer(mixup, cutmix, seed):
+    from keras_mixer import mixing
+
+    def batch(images, labels, step):
+        images = tf.cast(images, tf.float32)
+        size = images.shape[1:3] if None not in images.shape[1:3] else tf.shape(images)[1:3]
+        parameters = mix_parameters(tf.shape(images)[0], size, step, mixup, cutmix, seed)
+        return {mixing.IMAGES: images, mixing.MIX: parameters}, tf.cast(labels, tf.float32)
+
+    return batch
+
+
+def augmenters(randaugment_layers=2, randaugment_magnitude=0, mixup=0.0,
+               cutmix=0.0, implementation="keras_cv", seed=0, mix_on="host"):
+    """Returns `Augmenters(image, batch)`: per-image RandAugment, batch mixing.
+
+    Images are float pixels in [0, 255] and labels one-hot (or soft)
+    vectors. `image(images)` runs RandAugment on one image (or, as Keras
+    layers do, on each image of a batch) and keeps [0, 255]. `batch(images,
+    labels, step)` runs MixUp or CutMix on a batch; with both on, each batch
+    uses one of them, chosen by a coin flip seeded by `step` (as timm
+    does), so labels stay a mix of two images. Either is None when off.
+
+    RandAugment runs per image because in the parallel per-example map
+    both cores share its work image by image, where a map over batches
+    loops over a batch's images on one core (1.2x the images/s in
+    benchmarks/input_pipeline.py).
 
     Args:
         randaugment_layers: int, ops applied per image (the paper: 2).
@@ -126,15 +245,30 @@ def batch_augmenter(randaugment_layers=2, randaugment_magnitude=0, mixup=0.0,
         cutmix: float, the Beta parameter of CutMix's area (0 turns it off).
         implementation: "keras_cv" or "keras".
         seed: int.
+        mix_on: "host": KerasCV's (or Keras') MixUp and CutMix layers mix
+            the batch in tf.data. "device": `batch` only draws the mixing
+            (`mix_parameters`) and returns `({"images": images, "mix":
+            parameters}, labels)`, which `MLPMixer`'s train step mixes on
+            the accelerator (`keras_mixer.mixing`).
     """
     for name, value in (("mixup", mixup), ("cutmix", cutmix)):
         if value < 0:
             raise ValueError(f"`{name}` must be >= 0, got {value}.")
+    if mix_on not in MIX_ON:
+        raise ValueError(f"Unknown `mix_on` {mix_on!r}. Valid: {', '.join(MIX_ON)}.")
+    if mix_on == "device" and (mixup or cutmix):
+        image = augmenters(randaugment_layers, randaugment_magnitude,
+                           implementation=implementation, seed=seed).image
+        return Augmenters(image, _device_mixer(mixup, cutmix, seed))
     randaugment, mix, cut = _layers(
         implementation, int(randaugment_layers), randaugment_magnitude, mixup, cutmix, seed
     )
-    if randaugment is None and mix is None and cut is None:
-        return None
+    image = None
+    if randaugment is not None:
+        def image(images):
+            images = tf.cast(randaugment(tf.cast(images, tf.float32)), tf.float32)
+            # Some ops overshoot slightly (bicubic, sharpness); keep [0, 255].
+            return tf.clip_by_value(images, 0.0, 255.0)
 
     def mix_with(layer, images, labels):
         if layer is cut:
@@ -142,23 +276,34 @@ def batch_augmenter(randaugment_layers=2, randaugment_magnitude=0, mixup=0.0,
         out = layer({"images": images, "labels": labels})
         return tf.cast(out["images"], tf.float32), tf.cast(out["labels"], tf.float32)
 
-    def augment(images, labels, step):
+    def batch(images, labels, step):
         images = tf.cast(images, tf.float32)
-        if randaugment is not None:
-            images = tf.cast(randaugment(images), tf.float32)
-            # Some ops overshoot slightly (bicubic, sharpness); keep [0, 255].
-            images = tf.clip_by_value(images, 0.0, 255.0)
         if mix is not None and cut is not None:
             coin = tf.random.stateless_uniform([], seed=tf.stack([tf.cast(seed, tf.int64), step]))
-            images, labels = tf.cond(
+            return tf.cond(
                 coin < 0.5,
                 lambda: mix_with(mix, images, labels),
                 lambda: mix_with(cut, images, labels),
             )
-        elif mix is not None:
-            images, labels = mix_with(mix, images, labels)
-        elif cut is not None:
-            images, labels = mix_with(cut, images, labels)
-        return images, labels
+        return mix_with(mix if mix is not None else cut, images, labels)
+
+    return Augmenters(image, batch if mix is not None or cut is not None else None)
+
+
+def batch_augmenter(randaugment_layers=2, randaugment_magnitude=0, mixup=0.0,
+                    cutmix=0.0, implementation="keras_cv", seed=0):
+    """Returns `augment(images, labels, step)` on batches, or None if all are off.
+
+    RandAugment on each image, then MixUp or CutMix (see `augmenters`, whose
+    arguments these are), in one function for a `tf.data` map over batches.
+    """
+    image, batch = augmenters(randaugment_layers, randaugment_magnitude, mixup, cutmix,
+                              implementation, seed)
+    if image is None and batch is None:
+        return None
+
+    def augment(images, labels, step):
+        images = tf.cast(images, tf.float32) if image is None else image(images)
+        return (images, labels) if batch is None else batch(images, tf.cast(labels, tf.float32), step)
 
     return augment

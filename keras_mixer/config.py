@@ -33,6 +33,7 @@ EVAL_CROPS = ("resize-crop", "resmall-crop")
 # (keras_mixer.sources.image_folder_source).
 DAMAGED_IMAGES = ("error", "skip")
 AUGMENT_IMPLEMENTATIONS = ("keras_cv", "keras")
+MIX_ON = ("device", "host")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +130,8 @@ SCHEMA = (
     Key("mixup", 0.0, _FLOAT, "MixUp's Beta(p, p); 0 is off", bounds=">= 0"),
     Key("cutmix", 0.0, _FLOAT, "CutMix's Beta(p, p); 0 is off", bounds=">= 0"),
     Key("augment_impl", "keras_cv", (str,), "augmentation implementation", choices=AUGMENT_IMPLEMENTATIONS),
+    Key("mix_on", "device", (str,), "where MixUp/CutMix run: in the train step (device) or in tf.data (host, "
+        "with augment_impl's layers)", choices=MIX_ON),
     # Model.
     Key("variant", None, (str, NONE), 'a paper variant, e.g. "B/16"; None: `model` gives every argument'),
     Key("model", {}, (dict,), "MLPMixer arguments, over the variant's (model.<key>, see below)"),

@@ -165,7 +165,7 @@ def _shard(dataset, num_examples, num_shards, shard_index):
 
 
 def train_pipeline(source, batch_size, image_shape, seed=0, start_step=0,
-                   crop_area=(0.05, 1.0), flip=True, batch_augment=None,
+                   crop_area=(0.05, 1.0), flip=True, image_augment=None, batch_augment=None,
                    num_shards=1, shard_index=0, shuffle_buffer=50_000, shift_pixels=1):
     """The training `tf.data.Dataset` of `source`: endless, deterministic, resumable.
 
@@ -173,9 +173,10 @@ def train_pipeline(source, batch_size, image_shape, seed=0, start_step=0,
     each epoch shuffle with that epoch's seed (a uniform permutation within
     each block of `shuffle_buffer` examples; tfds writes its records in
     shuffled order already), skip to `start_step`, decode,
-    Inception-crop and flip in parallel, one-hot the labels, batch with
-    `drop_remainder=True`, apply `batch_augment(images, labels, step)`
-    (RandAugment, MixUp, CutMix: see `keras_mixer.augment`) and prefetch.
+    Inception-crop, flip and `image_augment` (RandAugment) in parallel,
+    one-hot the labels, batch with `drop_remainder=True`, apply
+    `batch_augment(images, labels, step)` (MixUp, CutMix: see
+    `keras_mixer.augment`) and prefetch.
 
     Args:
         source: a `Source`.
@@ -185,6 +186,8 @@ def train_pipeline(source, batch_size, image_shape, seed=0, start_step=0,
         start_step: int, the first batch to produce (resuming).
         crop_area: (min, max) fraction of the image area a crop keeps.
         flip: bool, random horizontal flips.
+        image_augment: callable on an image (or on each image of a batch,
+            for an in-memory source), or None.
         batch_augment: callable on batches or None.
         num_shards, shard_index: the per-host sharding hook (e.g. from
             `tf.distribute.InputContext`).
@@ -200,6 +203,9 @@ def train_pipeline(source, batch_size, image_shape, seed=0, start_step=0,
         _check_fixed_shape(source, image_shape)
         stream = _array_train_pipeline(source, batch_size, seed, start_step, shift_pixels,
                                        num_shards, shard_index)
+        if image_augment is not None:
+            stream = stream.map(lambda images, labels: (image_augment(images), labels),
+                                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return _finish(stream, batch_augment, start_step), source.num_examples // (batch_size * num_shards)
     dataset, num_examples = _shard(source.dataset, source.num_examples, num_shards, shard_index)
     if batch_size > num_examples:
@@ -235,6 +241,8 @@ def train_pipeline(source, batch_size, image_shape, seed=0, start_step=0,
         image = source.decode(raw, channels)
         image = inception_crop(image, (height, width), element_seed, crop_area, flip)
         image = tf.ensure_shape(image, (height, width, channels))
+        if image_augment is not None:
+            image = tf.ensure_shape(image_augment(image), (height, width, channels))
         return image, tf.one_hot(label, num_classes)
 
     stream = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch)
@@ -429,18 +437,24 @@ def make_datasets(config, micro_batch_size, placement=None, sources=None):
             f"`batch_size` {micro_batch_size} exceeds the {source.num_examples} "
             f"training examples of {source.description}."
         )
-    batch_augment = augment_lib.batch_augmenter(
+    if config["randaugment_magnitude"] and shape[-1] != 3:
+        raise ValueError(
+            f"RandAugment's colour ops need RGB images, and {source.description} has "
+            f"{shape[-1]}-channel images. Set randaugment_magnitude=0 (the digits use "
+            f"shift_pixels instead), or channels=3 for an image dataset."
+        )
+    augment = augment_lib.augmenters(
         randaugment_layers=config["randaugment_layers"],
         randaugment_magnitude=config["randaugment_magnitude"],
         mixup=config["mixup"], cutmix=config["cutmix"],
-        implementation=config["augment_impl"], seed=config["seed"],
+        implementation=config["augment_impl"], seed=config["seed"], mix_on=config["mix_on"],
     )
 
     def train_fn(start_step):
         return train_pipeline(
             source, host_batch, shape, seed=config["seed"],
             start_step=start_step, crop_area=tuple(config["crop_area"]),
-            flip=config["flip"], batch_augment=batch_augment,
+            flip=config["flip"], image_augment=augment.image, batch_augment=augment.batch,
             shuffle_buffer=config["shuffle_buffer"], shift_pixels=config["shift_pixels"],
             num_shards=num_shards, shard_index=shard_index,
         )[0]

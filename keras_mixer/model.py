@@ -10,6 +10,8 @@ from keras_mixer.layers import check_kwargs
 from keras_mixer.layers import check_pair
 from keras_mixer.layers import check_positive_int
 from keras_mixer.layers import check_rate
+from keras_mixer.mixing import is_mixing_input
+from keras_mixer.mixing import mix_batch
 
 # Table 1 of the paper. A variant name is `<size>/<patch>`, e.g. "B/16".
 MODEL_SIZES = {
@@ -376,6 +378,18 @@ class MLPMixer(keras.Model):
         callbacks.on_predict_end()
         return np.concatenate(outputs)
 
+    def train_step(self, *args):
+        """Keras' train step, after the batch's MixUp or CutMix (`keras_mixer.mixing`).
+
+        The input pipeline draws the mixing of a batch and sends it beside
+        the images (`mix_on="device"`), so that the mixing runs here, on the
+        accelerator, instead of on the host's CPU. Keras calls
+        `train_step(data)` on TensorFlow and PyTorch and `train_step(state,
+        data)` on JAX; the batch is the last argument on all three.
+        """
+        *state, data = args
+        return super().train_step(*state, mix_batch(data))
+
     def compile_from_config(self, config):
         """Compiles a loaded model as it was saved, as `keras.Model` does.
 
@@ -389,6 +403,12 @@ class MLPMixer(keras.Model):
             self.optimizer.build(self.trainable_variables)
 
     def call(self, inputs, training=None, mask=None):
+        if is_mixing_input(inputs):
+            # A batch of `mix_on="device"`: only `train_step` mixes, as
+            # Dropout acts only in training; elsewhere (Keras' symbolic
+            # build before `fit`, predict, evaluate) the images go in as
+            # they are, and the labels beside them are unmixed too.
+            inputs, mask = inputs["images"], None
         self._check_inputs(inputs)
         return super().call(inputs, training=training, mask=mask)
 

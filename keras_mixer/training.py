@@ -155,7 +155,7 @@ def _segments(start, total, steps_per_epoch):
 
 # Keys a resumed run may change: skipping the damaged images that stopped a
 # run leaves out what deleting them would.
-RESUMABLE_CHANGES = ("damaged_images",)
+RESUMABLE_CHANGES = ("damaged_images", "mix_on")
 
 
 def _check_workdir_config(path, config):

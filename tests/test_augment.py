@@ -1,8 +1,10 @@
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from keras_mixer import augment
+from keras_mixer import mixing
 
 N, H, W, C = 8, 16, 16, 3
 # Image i is filled with grey level VALUES[i]; label i is one-hot at i.
@@ -14,7 +16,8 @@ def run_in_tf_data(fn):
     labels = tf.one_hot(tf.range(N), N)
     dataset = tf.data.Dataset.from_tensors((images, labels)).repeat(4).enumerate()
     dataset = dataset.map(lambda step, batch: fn(batch[0], batch[1], step))
-    return [(x.numpy(), y.numpy()) for x, y in dataset], images.numpy()
+    numpy = lambda t: tf.nest.map_structure(lambda a: a.numpy(), t)  # noqa: E731
+    return [(numpy(x), y.numpy()) for x, y in dataset], images.numpy()
 
 
 @pytest.fixture(params=augment.IMPLEMENTATIONS)
@@ -48,6 +51,54 @@ def test_cutmix_labels_are_the_pasted_areas(implementation):
     assert cut_any
 
 
+def mixed_on_device(fn):
+    """Runs a `mix_on="device"` batch function, then the train step's mixing."""
+    out, original = run_in_tf_data(fn)  # draws in tf.data, then mixes as the train step does
+    mixed = [mixing.mix_batch((x, y)) for x, y in out]
+    return [(keras.ops.convert_to_numpy(x), keras.ops.convert_to_numpy(y)) for x, y in mixed], original
+
+
+def test_device_mixing_keeps_the_label_invariants():
+    """The checks above, for mixing in the train step (`mix_on="device"`)."""
+    mixup = augment.augmenters(mixup=0.5, seed=1, mix_on="device")
+    assert mixup.image is None
+    for images, labels in mixed_on_device(mixup.batch)[0]:
+        np.testing.assert_allclose(labels.sum(1), 1, atol=1e-5)
+        np.testing.assert_allclose(images[:, 0, 0, 0], labels @ VALUES, rtol=1e-4, atol=1e-2)
+    cut = augment.augmenters(cutmix=1.0, seed=2, mix_on="device").batch
+    cut_any = False
+    for images, labels in mixed_on_device(cut)[0]:
+        area = np.stack([(images[..., 0] == v).mean((1, 2)) for v in VALUES], 1)
+        np.testing.assert_allclose(area, labels, atol=1e-6)
+        cut_any |= bool((labels.max(1) < 1).any())
+    assert cut_any
+    with pytest.raises(ValueError, match="Unknown `mix_on` 'gpu'"):
+        augment.augmenters(mixup=0.2, mix_on="gpu")
+
+
+def test_shears_warp_once_and_give_the_same_pixels():
+    keras_cv = pytest.importorskip("keras_cv")
+    images = tf.random.stateless_uniform((4, 16, 16, 3), (1, 2), maxval=255.0)
+    shear = keras_cv.layers.RandomShear(x_factor=0.5, y_factor=0, seed=0)
+    transform = shear.get_random_transformation_batch(4)
+    assert transform["shear_y"] is not None  # KerasCV warps by a zero y shear too
+    both = shear.augment_images(images, transform)
+    only_x = shear.augment_images(images, dict(transform, shear_y=None))
+    np.testing.assert_array_equal(only_x.numpy(), both.numpy())
+    randaugment = augment._layers("keras_cv", 2, 10, 0, 0, 0)[0]
+    shears = [layer for layer in randaugment.layers if isinstance(layer, keras_cv.layers.RandomShear)]
+    assert len(shears) == 2
+    assert [(s.x_factor is None, s.y_factor is None) for s in shears] == [(False, True), (True, False)]
+
+
+def test_randaugment_per_image_in_the_pipeline(implementation):
+    image = augment.augmenters(randaugment_magnitude=10, implementation=implementation, seed=3).image
+    dataset = tf.data.Dataset.from_tensor_slices(tf.fill((6, H, W, C), 100.0)).map(image)
+    out = np.stack(list(dataset.as_numpy_iterator()))
+    assert out.shape == (6, H, W, C) and 0 <= out.min() and out.max() <= 255
+    assert not np.allclose(out, 100.0)
+
+
 def test_randaugment_changes_images_within_range(implementation):
     fn = augment.batch_augmenter(randaugment_magnitude=10, implementation=implementation, seed=3)
     out, original = run_in_tf_data(fn)
@@ -66,6 +117,19 @@ def test_all_together_and_off(implementation):
     for _, labels in out:
         np.testing.assert_allclose(labels.sum(1), 1, atol=1e-5)
     assert augment.batch_augmenter(randaugment_magnitude=0, implementation=implementation) is None
+
+
+def test_layers_compute_in_float32_under_mixed_precision(implementation):
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        fn = augment.batch_augmenter(randaugment_magnitude=10, mixup=0.2, cutmix=1.0,
+                                     implementation=implementation)
+    finally:
+        keras.config.set_dtype_policy(policy)
+    for images, labels in run_in_tf_data(fn)[0]:
+        assert images.dtype == labels.dtype == np.float32
+        np.testing.assert_allclose(labels.sum(1), 1, atol=1e-5)
 
 
 def test_magnitude_mapping_and_errors(caplog):

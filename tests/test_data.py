@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from keras_mixer import augment
 from keras_mixer import config as config_lib
 from keras_mixer import data
 from keras_mixer import sources
@@ -40,6 +41,18 @@ def test_tfds_train_pipeline_shapes_ranges_and_determinism(mock_cifar):
         np.testing.assert_array_equal(a, b)
     other, _ = data.train_pipeline(mock_cifar, 5, SHAPE, seed=2)
     assert not np.array_equal(images, batches(other, 1)[0][0])
+
+
+@pytest.mark.parametrize("implementation", augment.IMPLEMENTATIONS)
+def test_randaugment_runs_per_image_in_the_parallel_map(mock_cifar, implementation):
+    image, _ = augment.augmenters(randaugment_magnitude=10, implementation=implementation)
+    plain = batches(data.train_pipeline(mock_cifar, 5, SHAPE, seed=1)[0], 2)
+    augmented = batches(data.train_pipeline(mock_cifar, 5, SHAPE, seed=1, image_augment=image)[0], 2)
+    for (a, la), (b, lb) in zip(plain, augmented):
+        assert b.shape == (5,) + SHAPE and b.dtype == np.float32
+        assert 0 <= b.min() and b.max() <= 255
+        np.testing.assert_array_equal(la, lb)
+    assert not np.array_equal(plain[0][0], augmented[0][0])
 
 
 def test_train_pipeline_start_step_continues_the_same_stream(mock_cifar):
@@ -188,6 +201,11 @@ def test_make_datasets_of_the_digits_config():
         data.eval_pipeline(sources.digits_source("test"), 8, (16, 16, 1))
     with pytest.raises(ValueError, match="`batch_size` 2000 exceeds the 1437 training examples"):
         data.make_datasets(config, 2000)
+    with pytest.raises(ValueError, match="colour ops need RGB images, and the digits.* has 1-channel images"):
+        data.make_datasets(dict(config, randaugment_magnitude=9), 32)
+    # MixUp and CutMix in the train step: the batch carries their draws.
+    x, labels = next(iter(data.make_datasets(dict(config, mixup=0.2), 32).train_fn(0)))
+    assert set(x) == {"images", "mix"} and x["mix"].shape == (32, 6) and labels.shape == (32, 10)
 
 
 def test_representative_images_are_evaluation_images():

@@ -144,6 +144,7 @@ def test_a_trained_model_s_preset_from_a_hugging_face_repo_loads_offline(tmp_pat
     assert np.abs(np.load(tmp_path / "y.npy") - expected).max() <= 1e-6
 
 
+@once("registration is Python import machinery, the same on every backend; the subprocesses run JAX")
 def test_the_classes_register_whether_keras_hub_is_imported_before_or_after(tmp_path):
     model = random_mixer()
     kerashub.save_preset(model, tmp_path / "preset")
@@ -151,13 +152,13 @@ def test_the_classes_register_whether_keras_hub_is_imported_before_or_after(tmp_
         code = (f"{order}\nimport sys\n"
                 f"print(type(keras_hub.models.Backbone.from_preset({str(tmp_path / 'preset')!r})).__name__, "
                 "'keras_mixer.kerashub' in sys.modules)\n")
-        result = subprocess.run([sys.executable, "-c", code], env=subprocess_env(keras.backend.backend()),
+        result = subprocess.run([sys.executable, "-c", code], env=subprocess_env("jax"),
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.strip().splitlines()[-1] == "MixerBackbone True", order
     # Without keras_hub imported, keras_mixer does not import it (~2 s).
     code = "import sys, keras_mixer\nprint('keras_hub' in sys.modules)\n"
-    result = subprocess.run([sys.executable, "-c", code], env=subprocess_env(keras.backend.backend()),
+    result = subprocess.run([sys.executable, "-c", code], env=subprocess_env("jax"),
                             capture_output=True, text=True, timeout=300)
     assert result.stdout.strip().splitlines()[-1] == "False", result.stderr[-2000:]
 

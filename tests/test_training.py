@@ -74,7 +74,7 @@ def test_options_mixed_precision_ema_accumulation_sigmoid(tmp_path, monkeypatch,
 
     config = tiny_config(mixed_precision=True, ema_momentum=0.9, grad_accum_steps=2,
                          loss="sigmoid_xent", label_smoothing=0.0, optimizer="sgd",
-                         learning_rate=0.1)
+                         learning_rate=0.1, mixup=0.2, cutmix=1.0)  # mixed in the train step
     # The tests run on CPUs; as on one without bfloat16 matrix instructions,
     # the run says that bfloat16 will be slow, and goes on.
     monkeypatch.setenv(runtime.BF16_OVERRIDE, "0")
@@ -189,6 +189,15 @@ def test_a_digits_mixer_learns_on_every_backend(trained):
     results = json.loads((trained.parent / "results.json").read_text())
     assert results["backend"] == keras.backend.backend()
     assert results["test_accuracy"] >= 0.7, results
+
+
+def test_mixing_on_the_host_trains_with_either_implementation(tmp_path):
+    """`mix_on="host"`: KerasCV's (or Keras') layers mix in tf.data instead; they
+    compute in float32 under the mixed precision `auto` picks on PyTorch."""
+    for implementation in ("keras_cv", "keras"):
+        config = tiny_config(epochs=1, mixup=0.2, cutmix=1.0, mix_on="host", augment_impl=implementation)
+        results = training.train(config, tmp_path / implementation, verbose=0)
+        assert results["steps"] == 11 and np.isfinite(results["test_loss"])
 
 
 def test_eval_only_reports_the_saved_models_accuracy(tmp_path):
@@ -333,7 +342,8 @@ def test_a_kill_mid_epoch_then_resume_is_bit_identical_with_ema(tmp_path, monkey
     # 3 epochs of 11 steps; states every 4 steps. The kill comes right after
     # the mid-epoch state of step 16 (epoch 2, step 5 of 11). Without EMA the
     # same is shown with real signals by test_sigterm_and_sigkill_then_resume_...
-    config = tiny_config(epochs=3, checkpoint_every=4, ema_momentum=0.9)
+    # MixUp and CutMix in the train step draw from the step, so they replay too.
+    config = tiny_config(epochs=3, checkpoint_every=4, ema_momentum=0.9, mixup=0.5, cutmix=1.0)
     reference = training.train(config, tmp_path / "reference", verbose=0)
     restore = kill_after_state(monkeypatch, 16)
     with pytest.raises(Killed):
