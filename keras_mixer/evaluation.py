@@ -232,21 +232,28 @@ def evaluate(model, config, shots=(), seeds=5, few_shot_train=10_000, out_dir=No
     datasets = data.make_datasets(config, config["batch_size"], sources=sources)
     check_model_fits(model, datasets.image_shape, datasets.num_classes, where)
     loss = optim.make_loss(config["loss"], config["label_smoothing"])
-    report = classification_report(model, datasets.eval, datasets.num_classes, loss)
-    results = {k: report[k] for k in ("accuracy", "top5", "loss", "count")}
-    results["confusion_matrix"] = report["confusion_matrix"].tolist()
-    if shots:
-        train_x, train_y = _split_arrays(config, sources.train, few_shot_train)
-        test_x, test_y = _split_arrays(config, sources.eval, few_shot_train)
-        results["few_shot"] = {
-            str(k): v for k, v in few_shot(
-                pre_logits(model, train_x), train_y, pre_logits(model, test_x), test_y,
-                datasets.num_classes, shots=tuple(shots), seeds=tuple(range(seeds)),
-            ).items()
-        }
+    # A damaged image stops the evaluation naming its file, as in `train`.
+    with data.naming_damaged_images(sources):
+        report = classification_report(model, datasets.eval, datasets.num_classes, loss)
+        results = {k: report[k] for k in ("accuracy", "top5", "loss", "count")}
+        results["confusion_matrix"] = report["confusion_matrix"].tolist()
+        if shots:
+            results["few_shot"] = _few_shot(model, config, sources, datasets.num_classes, shots, seeds,
+                                            few_shot_train)
     if out_dir is not None:
         _write(results, report["confusion_matrix"], pathlib.Path(out_dir))
     return results
+
+
+def _few_shot(model, config, sources, num_classes, shots, seeds, few_shot_train):
+    train_x, train_y = _split_arrays(config, sources.train, few_shot_train)
+    test_x, test_y = _split_arrays(config, sources.eval, few_shot_train)
+    return {
+        str(k): v for k, v in few_shot(
+            pre_logits(model, train_x), train_y, pre_logits(model, test_x), test_y,
+            num_classes, shots=tuple(shots), seeds=tuple(range(seeds)),
+        ).items()
+    }
 
 
 def _write(results, matrix, out_dir):

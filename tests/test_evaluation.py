@@ -130,3 +130,20 @@ def test_evaluate_cli_matches_keras_evaluate_and_writes_its_files(tmp_path, caps
     (tmp_path / "cut.keras").write_bytes(model_path.read_bytes()[:1000])
     with pytest.raises(ValueError, match="cut.keras is not a readable .keras file: it is not a zip archive"):
         evaluation.evaluate(tmp_path / "cut.keras", config_lib.load("digits"))
+
+
+def test_a_damaged_image_stops_the_evaluation_naming_it(tmp_path):
+    """`keras-mixer evaluate` and `train --eval_only` name the file, as `train` does."""
+    from conftest import write_image_folder
+    from test_sources import damage_body
+
+    paths = write_image_folder(tmp_path / "images", per_class=4, corrupt=False)
+    damage_body(paths[6])
+    config = dict(config_lib.load("digits"), dataset="image_folder", data_dir=str(tmp_path / "images"),
+                  image_size=16, train_split="train", eval_split="train", batch_size=4)
+    model = MLPMixer(image_shape=(16, 16, 3), patch_size=4, num_blocks=1, hidden_dim=8,
+                     tokens_mlp_dim=8, channels_mlp_dim=8, num_classes=2)
+    with pytest.raises(ValueError, match=f"damaged image.*{paths[6]}.*damaged_images='skip'"):
+        evaluation.evaluate(model, config)
+    results = evaluation.evaluate(model, dict(config, damaged_images="skip"))
+    assert results["count"] == 7
