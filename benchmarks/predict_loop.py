@@ -1,4 +1,4 @@
-"""`model.predict` on a NumPy array against a loop over the same batches, one backend.
+"""`model.predict` and `model.evaluate` on NumPy arrays against a loop over the same batches.
 
     KERAS_BACKEND=tensorflow python benchmarks/predict_loop.py
     KERAS_BACKEND=torch python benchmarks/predict_loop.py --images 256 --batch_size 32
@@ -7,6 +7,10 @@ Times, in turn and `--repeats` times, on the small config (`shapes.py`):
 - predict: `MLPMixer.predict(x)`, the user's call (a NumPy array in and out);
 - keras_own: Keras' own `keras.Model.predict` on the same model (its input
   pipeline: tf.data on TensorFlow, a data loader on PyTorch);
+- evaluate: `MLPMixer.evaluate(x, y)` (mean squared error, the compiled
+  loss of a plain `compile(loss="mse")`), and keras_own_evaluate: Keras'
+  own `keras.Model.evaluate`; a forward pass and a loss per batch, so
+  their reference is loop_forward too;
 - loop_numpy: `predict_on_batch` over NumPy slices;
 - loop_forward: the model's forward pass over the same batches, already
   tensors on the device (TensorFlow: `tf.function(jit_compile=True)`;
@@ -66,10 +70,13 @@ def main(argv=None):
     model = MLPMixer(**arch(cfg))
     model.compile(loss="mse")  # a plain compile, as a notebook does
     x = np.random.default_rng(0).uniform(0, 255, (args.images, *cfg["image_shape"])).astype("float32")
+    y = np.zeros((args.images, cfg["num_classes"]), "float32")
     size = args.batch_size
     runs = {
         "predict": lambda: model.predict(x, batch_size=size, verbose=0),
         "keras_own": lambda: keras.Model.predict(model, x, batch_size=size, verbose=0),
+        "evaluate": lambda: model.evaluate(x, y, batch_size=size, verbose=0),
+        "keras_own_evaluate": lambda: keras.Model.evaluate(model, x, y, batch_size=size, verbose=0),
         "loop_numpy": lambda: [model.predict_on_batch(x[i:i + size]) for i in range(0, len(x), size)],
         "loop_forward": forward_loop(model, x, size),
     }
@@ -85,10 +92,10 @@ def main(argv=None):
     reference = statistics.median(rates["loop_forward"])
     print(f"{keras.backend.backend()}, small config, {len(x)} images in batches of {size}, "
           f"{args.repeats} repeats")
-    print(f"{'call':<13} {'img/s':>8} {'(min-max)':>12} {'x loop_forward':>15}")
+    print(f"{'call':<19} {'img/s':>8} {'(min-max)':>12} {'x loop_forward':>15}")
     for name, values in rates.items():
         median = statistics.median(values)
-        print(f"{name:<13} {median:>8.1f} {min(values):>5.0f}-{max(values):<6.0f} {median / reference:>15.2f}")
+        print(f"{name:<19} {median:>8.1f} {min(values):>5.0f}-{max(values):<6.0f} {median / reference:>15.2f}")
 
 
 if __name__ == "__main__":

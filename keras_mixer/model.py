@@ -363,9 +363,7 @@ class MLPMixer(keras.Model):
             return super().predict(x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks)
         batch_size = batch_size or 32
         num_batches = -(-len(x) // batch_size)
-        if not isinstance(callbacks, keras.callbacks.CallbackList):
-            callbacks = keras.callbacks.CallbackList(
-                callbacks, add_progbar=verbose != 0, verbose=verbose, epochs=1, steps=num_batches, model=self)
+        callbacks = self._callback_list(callbacks, verbose, num_batches)
         self.stop_predicting = False
         callbacks.on_predict_begin()
         outputs = []
@@ -377,6 +375,49 @@ class MLPMixer(keras.Model):
                 break
         callbacks.on_predict_end()
         return np.concatenate(outputs)
+
+    def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None, steps=None,
+                 callbacks=None, return_dict=False, **kwargs):
+        """`keras.Model.evaluate`, faster for NumPy arrays on TensorFlow and PyTorch.
+
+        As `predict` does, for NumPy `x` and `y` (and `sample_weight`) this
+        slices the batches itself and runs Keras' compiled test step on
+        each, accumulating the same metrics, with the same callbacks and
+        progress bar; the results are those of Keras' `evaluate`. Other
+        inputs, `steps`, `fit`'s validation, JAX, and a tf.distribute
+        strategy or a Keras distribution take Keras' path.
+        """
+        from keras_mixer import distribute
+
+        arrays = [a for a in (x, y, sample_weight) if a is not None]
+        if (kwargs or steps is not None or y is None or not all(isinstance(a, np.ndarray) for a in arrays)
+                or not len(x) or not distribute.feeds_batches_itself(self)
+                or not hasattr(self, "_flatten_metrics_in_order")):
+            return super().evaluate(x, y, batch_size=batch_size, verbose=verbose, sample_weight=sample_weight,
+                                    steps=steps, callbacks=callbacks, return_dict=return_dict, **kwargs)
+        batch_size = batch_size or 32
+        num_batches = -(-len(x) // batch_size)
+        callbacks = self._callback_list(callbacks, verbose, num_batches)
+        self.make_test_function()
+        self.stop_evaluating = False
+        callbacks.on_test_begin()
+        self.reset_metrics()
+        for step in range(num_batches):
+            callbacks.on_test_batch_begin(step)
+            logs = self.test_function([tuple(a[step * batch_size:(step + 1) * batch_size] for a in arrays)])
+            callbacks.on_test_batch_end(step, logs)
+            if self.stop_evaluating:
+                break
+        logs = {name: float(keras.ops.convert_to_numpy(value)) for name, value in self.get_metrics_result().items()}
+        callbacks.on_test_end(logs)
+        # The list in Keras' order; Keras' own `evaluate` returns it with this helper.
+        return logs if return_dict else self._flatten_metrics_in_order(logs)
+
+    def _callback_list(self, callbacks, verbose, num_batches):
+        if isinstance(callbacks, keras.callbacks.CallbackList):
+            return callbacks
+        return keras.callbacks.CallbackList(
+            callbacks, add_progbar=verbose != 0, verbose=verbose, epochs=1, steps=num_batches, model=self)
 
     def train_step(self, *args):
         """Keras' train step, after the batch's MixUp or CutMix (`keras_mixer.mixing`).

@@ -162,6 +162,39 @@ def test_predict_on_an_array_gives_keras_own_outputs_callbacks_and_progress(caps
     assert model.predict(images, callbacks=[Stop()], verbose=0).shape[0] == 32
 
 
+def test_evaluate_on_arrays_gives_keras_own_results_callbacks_and_progress(capsys):
+    # On TensorFlow and PyTorch MLPMixer.evaluate feeds the batches itself,
+    # as predict does; the metrics, callbacks and progress bar are Keras'.
+    model = tiny(num_classes=3)
+    rng = np.random.default_rng(0)
+    for variable in model.weights:
+        variable.assign(rng.normal(0, 0.2, variable.shape).astype("float32"))
+    model.compile(loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy", keras.metrics.TopKCategoricalAccuracy(2, name="top2")])
+    images = rng.uniform(0, 255, (70,) + model.image_shape).astype("float32")
+    labels = np.eye(3, dtype="float32")[rng.integers(0, 3, 70)]
+    weights = rng.uniform(0.5, 2, 70).astype("float32")
+    for kwargs in ({}, {"sample_weight": weights}):
+        expected = keras.Model.evaluate(model, images, labels, batch_size=32, verbose=0, return_dict=True, **kwargs)
+        got = model.evaluate(images, labels, batch_size=32, verbose=0, return_dict=True, **kwargs)
+        assert got.keys() == expected.keys() == {"loss", "accuracy", "top2"}
+        for name in got:
+            np.testing.assert_allclose(got[name], expected[name], rtol=1e-6, err_msg=name)
+    as_list = model.evaluate(images, labels, verbose=1)
+    assert "3/3" in capsys.readouterr().out
+    assert as_list == keras.Model.evaluate(model, images, labels, verbose=0)
+
+    class Stop(keras.callbacks.Callback):
+        def on_test_batch_end(self, batch, logs=None):
+            self.seen = batch
+            self.model.stop_evaluating = True
+
+    stop = Stop()
+    first = model.evaluate(images, labels, callbacks=[stop], verbose=0, return_dict=True)
+    assert stop.seen == 0
+    np.testing.assert_allclose(first["loss"], model.evaluate(images[:32], labels[:32], verbose=0)[0], rtol=1e-6)
+
+
 def test_a_file_saved_before_pixel_mean_and_remat_existed_still_loads(tmp_path):
     # The oldest config the model has saved lacked pixel_mean, pixel_std
     # and remat: a file of that version, made by removing them from a file

@@ -84,8 +84,8 @@ def test_layers_and_model_import_only_keras_numpy_and_stdlib():
     tree = ast.parse((PACKAGE / "model.py").read_text())
     functions = [node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
                  and any(isinstance(n, ast.ImportFrom) for n in ast.walk(node))]
-    assert functions == ["compile", "predict", "from_checkpoint", "from_timm", "enable_lora", "save_lora_weights",
-                         "load_lora_weights"]
+    assert functions == ["compile", "predict", "evaluate", "from_checkpoint", "from_timm", "enable_lora",
+                         "save_lora_weights", "load_lora_weights"]
 
 
 @pytest.mark.parametrize("module, forbidden", [
