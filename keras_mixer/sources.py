@@ -52,6 +52,10 @@ class Source:
             which its training pipeline gathers from directly, else None.
         files: the image files of an image folder (to name a damaged
             one), else empty.
+        read: `read(raw)` -> the encoded image (JPEG, PNG, ...) as bytes,
+            so that the training pipeline can decode only a JPEG's crop
+            window (`keras_mixer.data.decode_and_inception_crop`); None
+            where `decode` must do the reading (a file in a bucket).
     """
 
     dataset: object
@@ -63,6 +67,7 @@ class Source:
     image_shape: tuple = None
     arrays: tuple = dataclasses.field(default=None, repr=False, compare=False)
     files: tuple = dataclasses.field(default=(), repr=False, compare=False)
+    read: object = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def load_digits(test_fraction=0.2, split_seed=0):
@@ -208,7 +213,7 @@ def tfds_source(name, split, data_dir=None, download=False):
     dataset = dataset.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32)))
     return Source(
         dataset, _decode_bytes, num_examples, label_feature.num_classes,
-        f"tfds {name} split {split!r} in {builder.data_dir}", (),
+        f"tfds {name} split {split!r} in {builder.data_dir}", (), read=tf.identity,
     )
 
 
@@ -333,7 +338,7 @@ def image_folder_source(root, split="train", damaged="error"):
     dataset = tf.data.Dataset.from_tensor_slices((paths, np.array(labels, "int32")))
     return Source(
         dataset, decode, len(paths), len(class_names), f"image folder {split_dir}", tuple(skipped),
-        files=tuple(paths),
+        files=tuple(paths), read=None if storage.is_remote(root) else tf.io.read_file,
     )
 
 

@@ -22,12 +22,13 @@ Where each one applies:
   no LoRA: those layers compute their kernels in `Dense.call`).
 - `layer_norm`: `LayerNorm.call` on PyTorch (Keras' own call reaches the
   same `F.layer_norm` through `ops.layer_normalization`).
-- `mixer_block`: `MixerBlock.call` at inference with gradients off
-  (`predict`, `evaluate`, `predict_on_batch`, or under `torch.no_grad()`),
-  where dropout and stochastic depth are the identity and nothing is
-  recomputed. Training keeps the Keras path with its sublayer calls, so
-  dropout, stochastic depth, remat and sublayer hooks behave as Keras
-  defines them.
+- `mixer_block`: `MixerBlock.call` at inference, and in training where
+  its dropout and stochastic depth rates are 0 and it is not
+  rematerialised (`applies_to_mixer_block`): the same kernels in the same
+  order, so the outputs and, through autograd, the gradients are the
+  Keras path's. A block that draws dropout or stochastic depth masks, or
+  recomputes itself in the backward pass, keeps the Keras path with its
+  sublayer calls, so those behave as Keras defines them.
 
 Only `keras_mixer.layers` calls these, and only on the PyTorch backend;
 this module imports PyTorch when a function runs, never at import.
@@ -80,13 +81,22 @@ def _mlp(block, x):
 
 
 def applies_to_mixer_block(block, training):
-    """Whether `mixer_block` computes this call of `block`: inference with
-    gradients off, plain Dense layers and non-RMS LayerNorms."""
+    """Whether `mixer_block` computes this call of `block`.
+
+    Plain Dense layers and non-RMS LayerNorms, and a call whose arithmetic
+    is the Keras path's: at inference (dropout and stochastic depth are the
+    identity), or in training where both rates are 0; and no `remat` while
+    gradients are on (the Keras path recomputes the block in the backward
+    pass instead of keeping its activations). Autograd then differentiates
+    the same kernels, so the gradients are the Keras path's too.
+    """
     import torch
 
+    random = block.stochastic_depth_rate > 0 or any(
+        mlp.dropout_rate > 0 for mlp in (block.token_mixing, block.channel_mixing))
     return (
-        not training
-        and not torch.is_grad_enabled()
+        not (training and random)
+        and not (block.remat and torch.is_grad_enabled())
         and all(plain_dense(d) for mlp in (block.token_mixing, block.channel_mixing)
                 for d in (mlp.dense_0, mlp.dense_1))
         and not (block.token_norm.rms_scaling or block.channel_norm.rms_scaling)

@@ -55,6 +55,27 @@ def test_randaugment_runs_per_image_in_the_parallel_map(mock_cifar, implementati
     assert not np.array_equal(plain[0][0], augmented[0][0])
 
 
+@pytest.mark.parametrize("encode", [tf.io.encode_jpeg, tf.io.encode_png])
+def test_decoding_only_the_crop_gives_the_same_crop(encode):
+    """The same window as decoding it all; the same pixels, but for a JPEG's
+    left and right edge columns, where libjpeg's chroma upsampling has no
+    neighbour outside the window in a cropped decode."""
+    rng = np.random.default_rng(0)
+    small = rng.uniform(0, 255, (9, 13, 3)).astype("float32")
+    image = tf.cast(tf.clip_by_value(tf.image.resize(small, (75, 101), method="bicubic"), 0, 255), tf.uint8)
+    encoded = encode(image)  # odd sizes; JPEG with 4:2:0 chroma
+    decoded = tf.io.decode_image(encoded, channels=3)
+    edge = []
+    for step in range(12):
+        seed = tf.constant([4, step], tf.int64)
+        expected = data.inception_crop(decoded, (16, 16), seed, flip=False).numpy()
+        got = data.decode_and_inception_crop(encoded, 3, (16, 16), seed, flip=False).numpy()
+        np.testing.assert_array_equal(got[:, 1:-1], expected[:, 1:-1])
+        edge.append(np.abs(got[:, [0, -1]] - expected[:, [0, -1]]).mean())
+    assert (encode is tf.io.encode_png) == (max(edge) == 0)
+    assert np.mean(edge) < 4, edge  # levels of 255, on two columns of 16
+
+
 def test_train_pipeline_start_step_continues_the_same_stream(mock_cifar):
     full, _ = data.train_pipeline(mock_cifar, 5, SHAPE, seed=3)
     resumed, _ = data.train_pipeline(mock_cifar, 5, SHAPE, seed=3, start_step=7)

@@ -34,13 +34,14 @@ def images(n=3, size=8):
 
 
 def both_paths(model, x):
-    """(inference with gradients off, counting the blocks `mixer_block` computed;
-    the same call with gradients on, the Keras path)."""
+    """(inference, counting the blocks `mixer_block` computed; the same call
+    through the Keras path)."""
     import torch
 
     with mock.patch.object(torch_eager, "mixer_block", wraps=torch_eager.mixer_block) as fast:
         with torch.no_grad():
             inference = to_numpy(model(x, training=False))
+    with mock.patch.object(torch_eager, "applies_to_mixer_block", lambda block, training: False):
         keras_path = to_numpy(model(x, training=False))
     return inference, keras_path, fast.call_count
 
@@ -79,16 +80,18 @@ def test_mixed_bfloat16_inference_is_bit_identical():
     assert keras.backend.standardize_dtype(tokens.dtype) == "bfloat16"
 
 
-def test_training_calls_keep_the_keras_path():
+def test_training_calls_that_draw_masks_or_recompute_keep_the_keras_path():
     """Dropout and stochastic depth are drawn in training, with or without
-    gradients; with gradients the Keras path runs even at inference."""
+    gradients; a rematerialised block recomputes itself with gradients on."""
     import torch
 
     model = tiny(dropout_rate=0.5, stochastic_depth_rate=0.5, seed=0)
     block = model.get_layer("block_1")
     assert not torch_eager.applies_to_mixer_block(block, training=True)
-    assert not torch_eager.applies_to_mixer_block(block, training=False)  # gradients on
+    assert torch_eager.applies_to_mixer_block(block, training=False)  # gradients on: still the identity
+    assert not torch_eager.applies_to_mixer_block(tiny(remat=True).get_layer("block_1"), training=False)
     with torch.no_grad():
+        assert torch_eager.applies_to_mixer_block(tiny(remat=True).get_layer("block_1"), training=True)
         assert torch_eager.applies_to_mixer_block(block, training=False)
         assert torch_eager.applies_to_mixer_block(block, training=None)
         assert not torch_eager.applies_to_mixer_block(block, training=True)
@@ -97,6 +100,36 @@ def test_training_calls_keep_the_keras_path():
         assert np.abs(first - second).max() > 1e-3  # dropout drew new masks
     inference, keras_path, _ = both_paths(model, x)
     np.testing.assert_array_equal(inference, keras_path)
+
+
+def test_a_training_step_without_dropout_has_the_keras_path_s_gradients():
+    """In training with dropout and stochastic depth off, `mixer_block` runs,
+    and autograd's gradients are the Keras path's, bit for bit."""
+    import torch
+
+    model = tiny(num_classes=4)
+    rng = np.random.default_rng(1)
+    for variable in model.weights:
+        variable.assign(rng.normal(0, 0.3, variable.shape).astype("float32"))
+    x = keras.ops.convert_to_tensor(images())
+
+    def gradients(fast):
+        wrapped = torch_eager.applies_to_mixer_block if fast else (lambda block, training: False)
+        with mock.patch.object(torch_eager, "applies_to_mixer_block", wrapped), \
+                mock.patch.object(torch_eager, "mixer_block", wraps=torch_eager.mixer_block) as calls:
+            for variable in model.trainable_variables:
+                variable.value.grad = None
+            loss = (model(x, training=True) ** 2).sum()
+            loss.backward()
+        return loss.item(), [v.value.grad.clone() for v in model.trainable_variables], calls.call_count
+
+    fast_loss, fast_grads, fast_blocks = gradients(True)
+    keras_loss, keras_grads, keras_blocks = gradients(False)
+    assert (fast_blocks, keras_blocks) == (2, 0)
+    assert fast_loss == keras_loss
+    for a, b in zip(fast_grads, keras_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert any(g.abs().max() > 0 for g in fast_grads)
 
 
 def test_quantized_and_lora_layers_are_computed_by_keras():
