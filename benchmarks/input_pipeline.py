@@ -169,7 +169,7 @@ def main():
         for name, implementation, dataset in rows:
             rate = images_per_second(dataset, args.batches, args.batch_size)
             rates[name, implementation] = rate
-            if name.startswith("+ Inception"):
+            if name == "+ Inception crop, flip":
                 baseline = rate
             ratio = f"{rate / baseline:.2f}x" if baseline else "-"
             print(f"{name:<48} {implementation:<15} {rate:>9.1f} {ratio:>12}", flush=True)
