@@ -47,7 +47,7 @@ run_pass() {  # backend [pytest args...]: one pass, its log and status in $repor
   local backend=$1 begin
   shift
   begin=$(date +%s)
-  KERAS_BACKEND=$backend "$PYTHON" -m pytest -q -p no:cacheprovider \
+  KERAS_BACKEND=$backend "$PYTHON" -m pytest -q -p no:cacheprovider --durations=15 \
     --basetemp="$reports/tmp-$backend" --junitxml="$reports/$backend.xml" "$@" \
     > "$reports/$backend.log" 2>&1
   echo $? > "$reports/$backend.status"
