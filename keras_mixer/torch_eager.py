@@ -60,9 +60,22 @@ def dense(layer, x):
 
 def layer_norm(layer, x):
     """`LayerNorm.call` (last axis, not RMS): statistics in at least float32,
-    the result in the layer's compute dtype, as Keras computes it."""
+    the result in the layer's compute dtype, as Keras computes it.
+
+    A bfloat16 `x` on the CPU goes to PyTorch's mixed-dtype kernel as it
+    is: it reads bfloat16, computes in float32 with the float32 `gamma`
+    and `beta`, and writes bfloat16, where casting `x` to float32 first
+    and the result back took two more passes over the activations each
+    way (1.5x the time of a LayerNorm's forward and backward,
+    benchmarks/torch_bf16_profile.py). The two differ in the last bit of
+    about one value in 10^5.
+    """
     import torch
 
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        y = torch.nn.functional.layer_norm(
+            x, x.shape[-1:], _value(layer.gamma), _value(layer.beta), layer.epsilon)
+        return y.to(getattr(torch, layer.compute_dtype))
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
     y = torch.nn.functional.layer_norm(

@@ -170,3 +170,25 @@ def test_layer_norm_is_keras_layer_normalization(dtype):
     assert got.dtype == expected.dtype
     np.testing.assert_array_equal(to_numpy(keras.ops.cast(got, "float32")),
                                   to_numpy(keras.ops.cast(expected, "float32")))
+
+
+def test_a_bfloat16_layer_norm_is_float32_s_rounded_but_for_the_last_bit():
+    """PyTorch's mixed-dtype kernel (bfloat16 in and out, float32 inside)
+    against the float32 LayerNorm rounded to bfloat16."""
+    import torch
+
+    layer = LayerNorm(dtype="mixed_bfloat16")
+    layer.build((None, 256))
+    rng = np.random.default_rng(0)
+    layer.set_weights([rng.normal(1, 0.2, 256).astype("float32"), rng.normal(0, 0.2, 256).astype("float32")])
+    x = torch.from_numpy(rng.normal(3, 2, (512, 256)).astype("float32")).bfloat16()
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    reference = torch.nn.functional.layer_norm(
+        x.float(), (256,), layer.gamma.value.float(), layer.beta.value.float(), 1e-6).bfloat16()
+    differ = y != reference
+    assert differ.float().mean() < 1e-3
+    # Where they differ, by at most bfloat16's rounding step (2^-8 relative)
+    # at the outputs' scale, 1: values near 0 differ by float32 rounding.
+    gap = (y.float() - reference.float()).abs()[differ]
+    assert (gap <= 2.0 ** -7 * reference.float().abs()[differ].clamp(min=1)).all(), gap
