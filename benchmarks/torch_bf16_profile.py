@@ -8,8 +8,9 @@ Profiles `model.train_on_batch` of a `shapes.CONFIGS` config with
 "mixed_bfloat16" (what `mixed_precision="auto"` picks on a CPU with
 AVX512-BF16 or AMX), and sums the self CPU time of PyTorch's ops in
 groups: the matrix multiplies (`addmm`, `mm`, `bmm`, convolution), the
-dtype conversions (`copy_`, `to`), and everything else (LayerNorm, GELU,
-adds, transposes, the optimizer). The matmuls are what bfloat16 speeds
+copies (`copy_`: dtype conversions and the transposes made contiguous,
+which PyTorch's profiler does not tell apart), and everything else
+(LayerNorm, GELU, adds, the optimizer). The matmuls are what bfloat16 speeds
 up; the rest bounds the step's bf16/f32 ratio, as Amdahl's law has it.
 Prints the CPU's matrix instructions first (`machine.py`), so that a
 figure is never read on the wrong machine.
@@ -25,7 +26,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 GROUPS = (
     ("matmul", ("addmm", "mm", "bmm", "matmul", "linear", "convolution", "conv2d", "mkldnn")),
-    ("convert", ("copy_", "to", "_to_copy")),
+    ("copy", ("copy_", "to", "_to_copy", "contiguous", "clone")),
 )
 
 
@@ -87,7 +88,7 @@ def main(argv=None):
     bf16 = profile(cfg, args.batch, args.steps, "mixed_bfloat16")
     print(f"{args.config} config, batch {args.batch}, one training step (ms of PyTorch ops' self CPU time)")
     print(f"{'ops':<10} {'float32':>9} {'bfloat16':>9} {'f32/bf16':>9}")
-    for group in ("matmul", "convert", "other"):
+    for group in ("matmul", "copy", "other"):
         print(f"{group:<10} {f32[group]:>9.1f} {bf16[group]:>9.1f} "
               f"{f32[group] / bf16[group] if bf16[group] else float('nan'):>9.2f}")
     total32, total16 = sum(f32.values()), sum(bf16.values())
