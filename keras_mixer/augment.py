@@ -26,7 +26,10 @@ m = 15 and m = 20 both run at the strongest setting; a warning says so.
 
 The random draws of these layers come from the layers' own generators, so
 unlike crops, flips and data order they are not replayed when a run
-resumes: a resumed run continues with fresh draws.
+resumes: a resumed run continues with fresh draws. MixUp and CutMix in
+the train step (`mix_on="device"`, the default) are the exception: their
+draws (`mix_parameters`) are stateless in the seed and the step, and
+replay.
 """
 
 import collections
@@ -160,7 +163,9 @@ def _beta(shape, alpha, seed):
     """Stateless Beta(alpha, alpha) draws, as the ratio of two Gamma draws."""
     seeds = tf.random.experimental.stateless_split(seed, 2)
     first = tf.random.stateless_gamma(shape, seeds[0], alpha=alpha)
-    return first / (first + tf.random.stateless_gamma(shape, seeds[1], alpha=alpha))
+    total = first + tf.random.stateless_gamma(shape, seeds[1], alpha=alpha)
+    # Both draws can underflow to 0 at a small alpha: 0, not NaN, then.
+    return first / tf.maximum(total, 1e-30)
 
 
 def _pixels_inside(begin, end, size):
