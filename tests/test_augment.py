@@ -3,8 +3,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import once
 from keras_mixer import augment
-from keras_mixer import mixing
+
+pytestmark = once("tf.data and KerasCV's TensorFlow layers, whatever the Keras backend; "
+                  "test_mixing.py covers the train step's mixing on every backend")
 
 N, H, W, C = 8, 16, 16, 3
 # Image i is filled with grey level VALUES[i]; label i is one-hot at i.
@@ -49,31 +52,6 @@ def test_cutmix_labels_are_the_pasted_areas(implementation):
         np.testing.assert_allclose(area, labels, atol=1e-5)
         cut_any |= bool((labels.max(1) < 1).any())
     assert cut_any
-
-
-def mixed_on_device(fn):
-    """Runs a `mix_on="device"` batch function, then the train step's mixing."""
-    out, original = run_in_tf_data(fn)  # draws in tf.data, then mixes as the train step does
-    mixed = [mixing.mix_batch((x, y)) for x, y in out]
-    return [(keras.ops.convert_to_numpy(x), keras.ops.convert_to_numpy(y)) for x, y in mixed], original
-
-
-def test_device_mixing_keeps_the_label_invariants():
-    """The checks above, for mixing in the train step (`mix_on="device"`)."""
-    mixup = augment.augmenters(mixup=0.5, seed=1, mix_on="device")
-    assert mixup.image is None
-    for images, labels in mixed_on_device(mixup.batch)[0]:
-        np.testing.assert_allclose(labels.sum(1), 1, atol=1e-5)
-        np.testing.assert_allclose(images[:, 0, 0, 0], labels @ VALUES, rtol=1e-4, atol=1e-2)
-    cut = augment.augmenters(cutmix=1.0, seed=2, mix_on="device").batch
-    cut_any = False
-    for images, labels in mixed_on_device(cut)[0]:
-        area = np.stack([(images[..., 0] == v).mean((1, 2)) for v in VALUES], 1)
-        np.testing.assert_allclose(area, labels, atol=1e-6)
-        cut_any |= bool((labels.max(1) < 1).any())
-    assert cut_any
-    with pytest.raises(ValueError, match="Unknown `mix_on` 'gpu'"):
-        augment.augmenters(mixup=0.2, mix_on="gpu")
 
 
 def test_shears_warp_once_and_give_the_same_pixels():

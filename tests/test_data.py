@@ -8,12 +8,15 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from conftest import once
 from keras_mixer import augment
 from keras_mixer import config as config_lib
 from keras_mixer import data
 from keras_mixer import sources
 
 SHAPE = (16, 16, 3)
+
+pytestmark = once("the pipelines are tf.data, whatever the Keras backend")
 
 
 @pytest.fixture

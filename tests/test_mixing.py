@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import test_augment
+from conftest import once
 from keras_mixer import augment
 from keras_mixer import mixing
 from keras_mixer.model import MLPMixer
@@ -45,6 +47,31 @@ def test_mix_blends_pastes_and_relabels():
     np.testing.assert_allclose((mixed[3] == images[2]).all(-1).mean(), 3 / 8)
 
 
+def mixed_on_device(fn):
+    """Runs a `mix_on="device"` batch function, then the train step's mixing."""
+    out, original = test_augment.run_in_tf_data(fn)  # draws in tf.data, then mixes as the train step does
+    mixed = [mixing.mix_batch((x, y)) for x, y in out]
+    return [(keras.ops.convert_to_numpy(x), keras.ops.convert_to_numpy(y)) for x, y in mixed], original
+
+
+def test_device_mixing_keeps_the_label_invariants():
+    """The checks above, for mixing in the train step (`mix_on="device"`)."""
+    mixup = augment.augmenters(mixup=0.5, seed=1, mix_on="device")
+    assert mixup.image is None
+    for images, labels in mixed_on_device(mixup.batch)[0]:
+        np.testing.assert_allclose(labels.sum(1), 1, atol=1e-5)
+        np.testing.assert_allclose(images[:, 0, 0, 0], labels @ test_augment.VALUES, rtol=1e-4, atol=1e-2)
+    cut = augment.augmenters(cutmix=1.0, seed=2, mix_on="device").batch
+    cut_any = False
+    for images, labels in mixed_on_device(cut)[0]:
+        area = np.stack([(images[..., 0] == v).mean((1, 2)) for v in test_augment.VALUES], 1)
+        np.testing.assert_allclose(area, labels, atol=1e-6)
+        cut_any |= bool((labels.max(1) < 1).any())
+    assert cut_any
+    with pytest.raises(ValueError, match="Unknown `mix_on` 'gpu'"):
+        augment.augmenters(mixup=0.2, mix_on="gpu")
+
+
 def test_mix_batch_leaves_other_batches_alone():
     images, labels = np.zeros((2, H, W, 3), "float32"), np.eye(2, dtype="float32")
     assert mixing.mix_batch((images, labels))[0] is images
@@ -60,6 +87,7 @@ def draws(mixup, cutmix, batches=64, batch_size=64, size=(32, 32)):
     return np.concatenate(rows)
 
 
+@once("the draws are tf.data ops, whatever the Keras backend")
 @pytest.mark.parametrize("alpha", [0.2, 1.0])
 def test_mixup_draws_are_beta(alpha):
     rows = draws(alpha, 0.0)
@@ -81,6 +109,7 @@ def kerascv_cutmix_label_weights(alpha, batches=64, batch_size=64, size=32):
     return np.concatenate(weights)
 
 
+@once("the draws are tf.data ops, whatever the Keras backend")
 def test_cutmix_draws_match_kerascv():
     rows = draws(0.0, 1.0)
     assert (rows[:, 0] == 1).all()
@@ -93,6 +122,7 @@ def test_cutmix_draws_match_kerascv():
         assert abs(stat(ours) - stat(theirs)) < 0.03, (stat(ours), stat(theirs))
 
 
+@once("the draws are tf.data ops, whatever the Keras backend")
 def test_both_pick_one_per_batch_and_replay():
     rows = draws(0.5, 1.0, batches=32, batch_size=8)
     kinds = (rows[:, 0] == 1).reshape(32, 8)

@@ -7,7 +7,10 @@ import pytest
 
 from keras_mixer import data
 from keras_mixer import sources
+from conftest import once
 from conftest import write_image_folder
+
+pytestmark = once("sources are tf.data and files, whatever the Keras backend")
 
 SHAPE = (16, 16, 3)
 
