@@ -11,7 +11,9 @@ groups: the matrix multiplies (`addmm`, `mm`, `bmm`, convolution), the
 copies (`copy_`: dtype conversions and the transposes made contiguous,
 which PyTorch's profiler does not tell apart), and everything else
 (LayerNorm, GELU, adds, the optimizer). The matmuls are what bfloat16 speeds
-up; the rest bounds the step's bf16/f32 ratio, as Amdahl's law has it.
+up; the rest, and the Python around the ops (the step's unprofiled wall
+time less its ops' time), bounds the step's bf16/f32 ratio, as Amdahl's
+law has it.
 Prints the CPU's matrix instructions first (`machine.py`), so that a
 figure is never read on the wrong machine.
 """
@@ -58,6 +60,12 @@ def profile(cfg, batch, steps, policy):
     y = np.eye(cfg["num_classes"], dtype="float32")[rng.integers(0, cfg["num_classes"], batch)]
     for _ in range(2):
         model.train_on_batch(x, y)
+    import time
+
+    begin = time.perf_counter()
+    for _ in range(steps):
+        model.train_on_batch(x, y)
+    wall = (time.perf_counter() - begin) * 1e3 / steps
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             model.train_on_batch(x, y)
@@ -65,7 +73,7 @@ def profile(cfg, batch, steps, policy):
     for event in prof.key_averages():
         if event.key.startswith("aten::"):
             times[group_of(event.key)] += event.self_cpu_time_total / 1e3 / steps
-    return times
+    return times, wall
 
 
 def main(argv=None):
@@ -84,16 +92,22 @@ def main(argv=None):
         raise SystemExit("Run with KERAS_BACKEND=torch.")
     print(machine.describe())
     cfg = CONFIGS[args.config]
-    f32 = profile(cfg, args.batch, args.steps, "float32")
-    bf16 = profile(cfg, args.batch, args.steps, "mixed_bfloat16")
+    f32, wall32 = profile(cfg, args.batch, args.steps, "float32")
+    bf16, wall16 = profile(cfg, args.batch, args.steps, "mixed_bfloat16")
     print(f"{args.config} config, batch {args.batch}, one training step (ms of PyTorch ops' self CPU time)")
     print(f"{'ops':<10} {'float32':>9} {'bfloat16':>9} {'f32/bf16':>9}")
     for group in ("matmul", "copy", "other"):
         print(f"{group:<10} {f32[group]:>9.1f} {bf16[group]:>9.1f} "
               f"{f32[group] / bf16[group] if bf16[group] else float('nan'):>9.2f}")
     total32, total16 = sum(f32.values()), sum(bf16.values())
-    print(f"{'all':<10} {total32:>9.1f} {total16:>9.1f} {total32 / total16:>9.2f}")
-    print(f"non-matmul share of the bfloat16 step: {(total16 - bf16['matmul']) / total16:.0%}")
+    print(f"{'all ops':<10} {total32:>9.1f} {total16:>9.1f} {total32 / total16:>9.2f}")
+    print(f"{'outside':<10} {wall32 - total32:>9.1f} {wall16 - total16:>9.1f}   (the step's wall time "
+          "less its ops': Python, Keras, the profiler's own)")
+    print(f"{'step':<10} {wall32:>9.1f} {wall16:>9.1f} {wall32 / wall16:>9.2f}   (wall time, unprofiled)")
+    print(f"non-matmul share of the bfloat16 step's wall time: {(wall16 - bf16['matmul']) / wall16:.0%}")
+    # Amdahl: the step if everything but the matmuls took no time at all.
+    print(f"bf16/f32 if only the matmuls took time: {f32['matmul'] / bf16['matmul']:.2f}x; "
+          f"if the rest ran as in float32: {wall32 / (wall32 - f32['matmul'] + bf16['matmul']):.2f}x")
 
 
 if __name__ == "__main__":
