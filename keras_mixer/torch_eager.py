@@ -72,11 +72,8 @@ def layer_norm(layer, x):
     """
     import torch
 
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        y = torch.nn.functional.layer_norm(
-            x, x.shape[-1:], _value(layer.gamma), _value(layer.beta), layer.epsilon)
-        return y.to(getattr(torch, layer.compute_dtype))
-    if x.dtype in (torch.float16, torch.bfloat16):
+    mixed_dtype_kernel = x.dtype == torch.bfloat16 and x.device.type == "cpu"
+    if x.dtype in (torch.float16, torch.bfloat16) and not mixed_dtype_kernel:
         x = x.float()
     y = torch.nn.functional.layer_norm(
         x, x.shape[-1:], _value(layer.gamma), _value(layer.beta), layer.epsilon
