@@ -2,6 +2,7 @@
 
     python benchmarks/input_pipeline.py                 # both implementations
     python benchmarks/input_pipeline.py --batches 40 --batch_size 64
+    KERAS_BACKEND=jax python benchmarks/input_pipeline.py --keras_own_equalization
 
 Writes a folder of JPEGs (ImageNet-like sizes around 400x350) to a temp
 directory and times `keras_mixer.data.train_pipeline` with more and more
@@ -20,6 +21,13 @@ Then, per CPU core, how many cores each pipeline needs to feed an
 accelerator training B/16 at 224: the accelerator's rate is its bf16
 peak x an assumed MFU / (3 x the forward FLOPs of an image), the
 assumptions printed beside the table.
+
+Everything runs in tf.data, and KerasCV's layers run the same on every
+Keras backend. Keras core's layers do not quite: its Equalization picks
+its histogram code by the global Keras backend, which is why keras-mixer
+replaces it (`augment._equalization_by_bincount`). The table prints the
+backend; `--keras_own_equalization` adds a row of Keras' RandAugment with
+its own Equalization (slow under JAX, Colab's backend: 2 timed batches).
 """
 
 import argparse
@@ -32,6 +40,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -61,9 +70,9 @@ def write_folder(root, num_images, seed=0):
         (folder / f"{i}.jpg").write_bytes(tf.io.encode_jpeg(image, quality=90).numpy())
 
 
-def images_per_second(dataset, batches, batch_size):
+def images_per_second(dataset, batches, batch_size, warm_up=3):
     iterator = iter(dataset)
-    for _ in range(3):  # warm up tf.data's threads and autotuning
+    for _ in range(warm_up):  # warm up tf.data's threads and autotuning
         next(iterator)
     start = time.perf_counter()
     for _ in range(batches):
@@ -112,6 +121,17 @@ def before_issue_30(randaugment_magnitude=15, mixup=0.5, cutmix=1.0, seed=0):
     return batch
 
 
+def keras_own_equalization(source, batch_size, shape):
+    """The Keras-core RandAugment pipeline with Keras' Equalization left in."""
+    replace = augment._equalization_by_bincount
+    augment._equalization_by_bincount = lambda randaugment: randaugment
+    try:
+        image, _ = augment.augmenters(implementation="keras", randaugment_magnitude=15)
+    finally:
+        augment._equalization_by_bincount = replace
+    return data.train_pipeline(source, batch_size, shape, image_augment=image)[0]
+
+
 def cores_table(rows, cores):
     b16 = shapes.CONFIGS["b16"]
     step_flops = 3 * shapes.forward_flops(b16)
@@ -132,6 +152,8 @@ def main():
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--keras_own_equalization", action="store_true",
+                        help="add Keras' RandAugment with its own Equalization (see the docstring)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as root:
@@ -159,15 +181,20 @@ def main():
                 dataset = data.train_pipeline(source, args.batch_size, shape,
                                               image_augment=image, batch_augment=batch)[0]
                 rows.append((name, implementation, dataset))
+        if args.keras_own_equalization:
+            rows.append(("+ RandAugment(2, 15), Keras' own Equalization", "keras",
+                         keras_own_equalization(source, args.batch_size, shape)))
 
         cores = len(os.sched_getaffinity(0))
         print(machine.describe())
-        print(f"input pipeline at 224x224, batch {args.batch_size}, "
-              f"{cores} CPU cores, {args.batches} timed batches")
+        print(f"input pipeline at 224x224, batch {args.batch_size}, {cores} CPU cores, "
+              f"{args.batches} timed batches, Keras backend {keras.backend.backend()}")
         print(f"{'stage':<48} {'implementation':<15} {'images/s':>9} {'vs crop+flip':>12}")
         baseline, rates = None, {}
         for name, implementation, dataset in rows:
-            rate = images_per_second(dataset, args.batches, args.batch_size)
+            slow = name.endswith("Keras' own Equalization")
+            rate = images_per_second(dataset, min(args.batches, 2) if slow else args.batches,
+                                     args.batch_size, warm_up=1 if slow else 3)
             rates[name, implementation] = rate
             if name == "+ Inception crop, flip":
                 baseline = rate

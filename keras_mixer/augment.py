@@ -81,10 +81,10 @@ def _layers(implementation, randaugment_layers, randaugment_magnitude, mixup, cu
     elif implementation == "keras":
         import keras
 
-        randaugment = lambda: keras.layers.RandAugment(  # noqa: E731
+        randaugment = lambda: _equalization_by_bincount(keras.layers.RandAugment(  # noqa: E731
             value_range=(0, 255), num_ops=randaugment_layers,
             factor=randaugment_strength(randaugment_magnitude), seed=seed,
-        )
+        ))
         mix = lambda: keras.layers.MixUp(alpha=mixup, seed=seed + 1)  # noqa: E731
         cut = lambda: keras.layers.CutMix(factor=cutmix, seed=seed + 2)  # noqa: E731
     else:
@@ -129,6 +129,35 @@ def _one_shear_transform(randaugment):
                 factor = getattr(layer, name)
                 if isinstance(factor, keras_cv.core.ConstantFactorSampler) and factor.value == 0:
                     setattr(layer, name, None)
+    return randaugment
+
+
+def _equalization_by_bincount(randaugment):
+    """Gives Keras' RandAugment an Equalization that counts by bincount in tf.data.
+
+    Keras 3.13-3.15's `Equalization` picks its histogram by the global
+    Keras backend, not by the one it runs on: under JAX it counts each of
+    the 256 bins with its own ops, as jit needs, even inside tf.data, where
+    the layer runs on TensorFlow. That made a graph of 46,000 ops, traced
+    for 25 s before a pipeline's first batch, and run for every image
+    (Keras' RandAugment computes all its ops and selects): 22 against 34
+    images/s at 224 (benchmarks/input_pipeline.py --keras_own_equalization,
+    JAX). TensorFlow has a bincount; this asks the backend the layer runs
+    on, and counts the same pixels (tests/test_augment.py).
+    """
+    import keras
+
+    class Equalization(keras.layers.Equalization):
+        def _custom_histogram_fixed_width(self, values, value_range, nbins):
+            if self.backend.name != "tensorflow":
+                return super()._custom_histogram_fixed_width(values, value_range, nbins)
+            low, high = (float(v) for v in value_range)
+            bins = tf.cast((tf.cast(values, tf.float32) - low) * (nbins - 1) / (high - low), tf.int32)
+            bins = tf.reshape(tf.clip_by_value(bins, 0, nbins - 1), [-1])
+            return tf.math.bincount(bins, minlength=nbins, maxlength=nbins, dtype=tf.int32)
+
+    old = randaugment.equalization
+    randaugment.equalization = Equalization(value_range=old.value_range, data_format=old.data_format)
     return randaugment
 
 
