@@ -19,6 +19,24 @@ def checkout_pythonpath(env):
     return os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
 
 
+# Set by tests/run_all_backends.sh for its JAX pass when the Colab lane runs
+# in the same CI run (see `in_the_colab_lane`).
+COLAB_LANE_RUNS = os.environ.get("KERAS_MIXER_COLAB_LANE_RUNS") == "1"
+
+
+def in_the_colab_lane(reason):
+    """Marks a test that the JAX pass leaves to the Colab lane when the lane
+    runs in the same CI run: a test of what a Colab user runs (the
+    notebooks, the installed command), which the lane runs on JAX too, on
+    Colab's versions and from the built wheel, the closer copy of that
+    user's path. Run alone, or with SKIP_COLAB=1, the JAX pass runs it."""
+    import keras
+
+    return pytest.mark.skipif(
+        COLAB_LANE_RUNS and not INSTALLED and keras.backend.backend() == "jax",
+        reason=f"runs in the Colab lane of this CI run: {reason}")
+
+
 def once(reason):
     """Marks a test to run in the JAX pass of `tests/run_all_backends.sh`
     only (and in the Colab lane, which is JAX): its work does not depend on

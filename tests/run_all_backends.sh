@@ -40,6 +40,10 @@ export JAX_COMPILATION_CACHE_DIR="$reports/jax-cache"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=-1
 mkdir -p "$reports/tf-xla-cache"
 export TF_XLA_FLAGS="${TF_XLA_FLAGS:+$TF_XLA_FLAGS }--tf_xla_persistent_cache_directory=$reports/tf-xla-cache"
+# The JAX pass leaves the Colab lane's tests of the Colab user's path (the
+# notebooks, the installed command) to the lane, which runs them on JAX too
+# (tests/conftest.py's `in_the_colab_lane`).
+[ "${SKIP_COLAB:-0}" != 1 ] && export KERAS_MIXER_COLAB_LANE_RUNS=1
 jobs=${JOBS:-$( [ "$(nproc 2>/dev/null || echo 1)" -ge 2 ] && echo 2 || echo 1 )}
 begin_all=$(date +%s)
 

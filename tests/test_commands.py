@@ -11,6 +11,7 @@ import pytest
 
 from keras_mixer import commands
 from keras_mixer import runtime
+from conftest import in_the_colab_lane
 from conftest import once
 from conftest import subprocess_env
 
@@ -69,6 +70,7 @@ def test_the_installed_command_and_python_m_are_the_same_command(tmp_path):
 
 
 @once("one training run through the installed command; train.py's runs cover each backend")
+@in_the_colab_lane("the command as the built wheel installs it")
 def test_train_evaluate_predict_export_from_a_folder_outside_the_checkout(tmp_path):
     import tensorflow as tf
 

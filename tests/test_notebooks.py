@@ -23,6 +23,7 @@ import pytest
 from conftest import FIXTURES
 from conftest import ROOT
 from conftest import checkout_pythonpath
+from conftest import in_the_colab_lane
 from conftest import once
 
 nbformat = pytest.importorskip("nbformat")
@@ -65,8 +66,9 @@ EXTRAS = {
 RELEASED_NAME = "smoke/Mixer-tiny"  # registered by the notebooks under SMOKE_TEST
 TIMM_ID = "timm/mixer_tiny.smoke"  # 02's hf:// id under SMOKE_TEST
 # The backends each notebook runs on here. They are Colab TPU notebooks
-# and choose JAX themselves, so each runs on JAX, in the JAX pass and in the
-# Colab lane (Colab's versions). The quickstart says it runs on JAX,
+# and choose JAX themselves, so each runs on JAX: in the Colab lane
+# (Colab's versions, the built wheel), or in the JAX pass where no lane runs
+# beside it (`in_the_colab_lane`). The quickstart says it runs on JAX,
 # TensorFlow or PyTorch, so it also runs on those (through
 # KERAS_MIXER_NOTEBOOK_BACKEND). What the others drive on TensorFlow and
 # PyTorch, fine-tuning, pretraining, inspection and export, is tested on
@@ -240,6 +242,7 @@ def notebook_env(tmp_path, monkeypatch):
     return tmp_path
 
 
+@in_the_colab_lane("Colab notebooks, on Colab's versions")
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_notebook_runs(name, notebook_env):
     import keras

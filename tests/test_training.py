@@ -511,18 +511,29 @@ def test_a_second_run_on_a_busy_work_directory_is_refused(tmp_path):
         training.train(tiny_config(epochs=1), tmp_path / "run", verbose=0)
 
 
+def _assert_one_line_error(args, message):
+    result = run_train_py(args, timeout=300)
+    assert result.returncode == 1, (args, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, args
+    assert message in result.stderr.strip().splitlines()[-2], (args, result.stderr[-1000:])
+
+
+def test_train_py_user_error_is_one_line_on_every_backend():
+    """The error is the last thing the user reads, after whatever the backend printed at start."""
+    _assert_one_line_error(["--set", "learning_rate=-1"],
+                           "error: `learning_rate` must be greater than 0, got -1.")
+
+
+@once("the checks run before any backend work; test_train_py_user_error_is_one_line_on_every_backend "
+      "shows each backend's start-up leaves the error last")
 def test_train_py_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     (tmp_path / "busy").write_text("a file")
     for args, message in (
-        (["--set", "learning_rate=-1"], "error: `learning_rate` must be greater than 0, got -1."),
         (["--set", "model.droput_rate=0.5"], "error: Unknown model key(s) ['model.droput_rate']."),
         (["--workdir", str(tmp_path / "busy")], f"error: --workdir {tmp_path / 'busy'} is a file"),
         (["--eval_only", "--checkpoint", str(tmp_path / "nope.keras")],
          f"error: No model at {tmp_path / 'nope.keras'}"),
     ):
-        result = run_train_py(args, timeout=300)
-        assert result.returncode == 1, (args, result.stderr[-2000:])
-        assert "Traceback" not in result.stderr, args
-        assert message in result.stderr.strip().splitlines()[-2], (args, result.stderr[-1000:])
+        _assert_one_line_error(args, message)
     debug = run_train_py(["--set", "learning_rate=-1", "--debug"], timeout=300)
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
