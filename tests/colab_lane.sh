@@ -6,7 +6,12 @@
 #   bash tests/colab_lane.sh [junit.xml] [pytest args...]
 # Python 3.13 is $COLAB_PYTHON, else python3.13 on PATH, else pyenv's.
 # The environment is kept in .venv-colab between runs (the wheel is always
-# reinstalled). Called by tests/run_all_backends.sh.
+# reinstalled). Called by tests/run_all_backends.sh, which sets it up
+# (COLAB_LANE_STEP=setup) while the tests of its other passes run, then
+# runs the tests (COLAB_LANE_STEP=test); unset, both steps run.
+# pip installs with --no-compile: compiling every module of TensorFlow and
+# JAX to bytecode took 52 of the 118 s of the install here, and Python
+# compiles the modules the tests import when they first import them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 report=${1:-}
@@ -24,32 +29,41 @@ find_python() {
     if is_313 "$candidate"; then echo "$candidate"; return; fi
   done
 }
-py313=$(find_python)
-if [ -z "$py313" ]; then
-  echo "colab lane: no Python 3.13 found (set COLAB_PYTHON, or SKIP_COLAB=1 to leave the lane out)" >&2
+step=${COLAB_LANE_STEP:-all}
+venv=.venv-colab
+if [ "$step" != test ]; then
+  py313=$(find_python)
+  if [ -z "$py313" ]; then
+    echo "colab lane: no Python 3.13 found (set COLAB_PYTHON, or SKIP_COLAB=1 to leave the lane out)" >&2
+    exit 1
+  fi
+
+  PYTHON=${PYTHON:-python}
+  dist=$(mktemp -d)
+  "$PYTHON" -m build --wheel --outdir "$dist" . >"$dist/build.log" 2>&1 || { cat "$dist/build.log"; exit 1; }
+  wheel=$(ls "$dist"/keras_mixer-*.whl)
+
+  if ! is_313 "$venv/bin/python"; then
+    rm -rf "$venv"
+    "$py313" -m venv "$venv" || exit 1
+  fi
+  pip=("$venv/bin/python" -m pip install -q --no-compile -c tests/colab-constraints.txt)
+  "${pip[@]}" --upgrade pip || exit 1
+  # The extras a Colab user has: tf.data and the rest of `train` (Colab's TPU
+  # runtime has no TensorFlow), JAX (preinstalled there), safetensors (`timm`,
+  # preinstalled there too), gcsfs for runs in a bucket (`gcs`), and what the
+  # tests and notebooks use.
+  "${pip[@]}" "$wheel[train,jax,test,viz,litert,timm,gcs]" || exit 1
+  "${pip[@]}" --force-reinstall --no-deps "$wheel" || exit 1
+  "$venv/bin/python" -c 'import keras, jax, numpy, tensorflow, sys; print(f"colab lane: Python {sys.version.split()[0]}, keras {keras.__version__}, jax {jax.__version__}, numpy {numpy.__version__}, tensorflow {tensorflow.__version__}")' 2>/dev/null
+  rm -rf "$dist"
+  echo "colab lane: set up in $(( $(date +%s) - start )) s"
+  [ "$step" = setup ] && exit 0
+fi
+if ! is_313 "$venv/bin/python" || [ ! -x "$venv/bin/pytest" ]; then
+  echo "colab lane: $venv is not set up (run with COLAB_LANE_STEP=setup first)" >&2
   exit 1
 fi
-
-PYTHON=${PYTHON:-python}
-dist=$(mktemp -d)
-"$PYTHON" -m build --wheel --outdir "$dist" . >"$dist/build.log" 2>&1 || { cat "$dist/build.log"; exit 1; }
-wheel=$(ls "$dist"/keras_mixer-*.whl)
-
-venv=.venv-colab
-if ! is_313 "$venv/bin/python"; then
-  rm -rf "$venv"
-  "$py313" -m venv "$venv" || exit 1
-fi
-pip=("$venv/bin/python" -m pip install -q -c tests/colab-constraints.txt)
-"${pip[@]}" --upgrade pip || exit 1
-# The extras a Colab user has: tf.data and the rest of `train` (Colab's TPU
-# runtime has no TensorFlow), JAX (preinstalled there), safetensors (`timm`,
-# preinstalled there too), gcsfs for runs in a bucket (`gcs`), and what the
-# tests and notebooks use.
-"${pip[@]}" "$wheel[train,jax,test,viz,litert,timm,gcs]" || exit 1
-"${pip[@]}" --force-reinstall --no-deps "$wheel" || exit 1
-"$venv/bin/python" -c 'import keras, jax, numpy, tensorflow, sys; print(f"colab lane: Python {sys.version.split()[0]}, keras {keras.__version__}, jax {jax.__version__}, numpy {numpy.__version__}, tensorflow {tensorflow.__version__}")' 2>/dev/null
-echo "colab lane: set up in $(( $(date +%s) - start )) s"
 
 # The venv's pytest, not `python -m pytest`: the checkout must not be on
 # sys.path, so every import of keras_mixer is the installed wheel's.
@@ -61,6 +75,5 @@ KERAS_BACKEND=jax KERAS_MIXER_TEST_INSTALLED=1 TF_CPP_MIN_LOG_LEVEL=2 \
   tests/test_features.py tests/test_quantize.py tests/test_lora.py tests/test_hub.py \
   tests/test_storage.py tests/test_commands.py "$@"
 status=$?
-rm -rf "$dist"
 echo "colab lane: $(( $(date +%s) - start )) s in all"
 exit $status

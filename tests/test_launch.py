@@ -160,37 +160,6 @@ def _pid_of(line):
     return int(line.split(" is pid ")[1].split()[0])
 
 
-def test_a_killed_process_stops_its_partner_and_the_run_resumes(runs, tmp_path):
-    _, two, _, _ = runs
-    workdir = tmp_path / "killed"
-    child = subprocess.Popen(launch_command(workdir, 2, 4), env=env(), cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines, pid = [], None
-    for line in child.stdout:
-        lines.append(line)
-        if "keras_mixer.launch: process 1 of 2 is pid" in line:
-            pid = _pid_of(line)
-        if line.startswith("[process 0] Epoch 5/"):
-            break
-    assert pid is not None, "".join(lines[-50:])
-    killed = time.monotonic()
-    os.kill(pid, 9)
-    rest = child.stdout.read()
-    status = child.wait(timeout=120)
-    seconds = time.monotonic() - killed
-    lines = (("".join(lines)) + rest).splitlines()
-    assert status != 0 and seconds < 60, (status, seconds)
-    # The last thing the user reads: which process was lost, and what to do.
-    assert "process 1 of 2 was lost (killed by SIGKILL)" in lines[-2], lines[-5:]
-    assert "start all of them again with the same command" in lines[-1]
-    print(f"partner stopped {seconds:.1f} s after the kill")
-    # The same command again resumes and ends where an uninterrupted run ends.
-    out = launch(workdir, 2, 4)
-    assert "[process 0] Resuming from" in out and "[process 1] Resuming from" in out
-    for a, b in zip(weights(workdir / "model.keras"), weights(two / "model.keras")):
-        np.testing.assert_allclose(a, b, atol=1e-6)
-
-
 def _run_until(command, tmp_path, epoch_line):
     """Starts `command`; returns (child, pids by process index, lines read) once `epoch_line` is printed."""
     child = subprocess.Popen(command, env=env(), cwd=tmp_path, stdout=subprocess.PIPE,
@@ -205,20 +174,36 @@ def _run_until(command, tmp_path, epoch_line):
     raise AssertionError("".join(lines[-50:]))
 
 
-def test_sigterm_to_one_host_or_to_all_stops_every_process_at_one_step(runs, tmp_path):
-    """A preempted VM (SIGTERM to one host) and a stopped job (SIGTERM to
-    all, here through the launcher): every process writes its part of one
-    state at the same step and exits 143; the same command resumes, and the
-    run ends with the weights of an uninterrupted run."""
+def test_a_lost_process_and_sigterm_to_one_host_or_all_then_the_same_command_resumes(runs, tmp_path):
+    """One run, stopped three ways, each time started again with the same
+    command: a lost process (SIGKILL to process 1: its partner stops within
+    a minute and the launcher names the lost one), a preempted VM (SIGTERM
+    to one host) and a stopped job (SIGTERM to all, through the launcher):
+    there every process writes its part of one state at the same step and
+    exits 143. The run ends with the weights of an uninterrupted run."""
     from keras_mixer import checkpoint
 
     _, two, _, _ = runs
-    workdir = tmp_path / "preempted"
-    for target, epoch in (("one", 4), ("all", 8)):
+    workdir = tmp_path / "stopped"
+    child, pids, lines = _run_until(launch_command(workdir, 2, 4), tmp_path, "[process 0] Epoch 4/")
+    killed = time.monotonic()
+    os.kill(pids[1], 9)
+    rest = child.stdout.read()
+    status = child.wait(timeout=120)
+    seconds = time.monotonic() - killed
+    lines = ("".join(lines) + rest).splitlines()
+    assert status != 0 and seconds < 60, (status, seconds)
+    # The last thing the user reads: which process was lost, and what to do.
+    assert "process 1 of 2 was lost (killed by SIGKILL)" in lines[-2], lines[-5:]
+    assert "start all of them again with the same command" in lines[-1]
+    print(f"partner stopped {seconds:.1f} s after the kill")
+
+    for target, epoch in (("one", 7), ("all", 10)):
         child, pids, lines = _run_until(launch_command(workdir, 2, 4), tmp_path, f"[process 0] Epoch {epoch}/")
         os.kill(pids[1] if target == "one" else child.pid, 15)
         out = "".join(lines) + child.stdout.read()
         assert child.wait(timeout=120) == 143, out[-3000:]
+        assert "[process 0] Resuming from" in out and "[process 1] Resuming from" in out
         assert out.count("Stopped by SIGTERM at step") == 1  # process 0 reports it
         assert "keras_mixer.launch: stopped by SIGTERM (exit status 143)" in out
         states = checkpoint.list_states(workdir / "checkpoints")
