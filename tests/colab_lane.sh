@@ -9,9 +9,10 @@
 # reinstalled). Called by tests/run_all_backends.sh, which sets it up
 # (COLAB_LANE_STEP=setup) while the tests of its other passes run, then
 # runs the tests (COLAB_LANE_STEP=test); unset, both steps run.
-# pip installs with --no-compile: compiling every module of TensorFlow and
-# JAX to bytecode took 52 of the 118 s of the install here, and Python
-# compiles the modules the tests import when they first import them.
+# pip compiles every module to bytecode at install (52 of the lane's 118 s
+# here): without it (--no-compile), a machine with PYTHONDONTWRITEBYTECODE
+# set, as this one, recompiles TensorFlow's and JAX's modules in every
+# process that imports them, and the tensorflow pass took 1.5x as long.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 report=${1:-}
@@ -47,7 +48,7 @@ if [ "$step" != test ]; then
     rm -rf "$venv"
     "$py313" -m venv "$venv" || exit 1
   fi
-  pip=("$venv/bin/python" -m pip install -q --no-compile -c tests/colab-constraints.txt)
+  pip=("$venv/bin/python" -m pip install -q -c tests/colab-constraints.txt)
   "${pip[@]}" --upgrade pip || exit 1
   # The extras a Colab user has: tf.data and the rest of `train` (Colab's TPU
   # runtime has no TensorFlow), JAX (preinstalled there), safetensors (`timm`,

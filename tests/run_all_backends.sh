@@ -31,9 +31,7 @@ PYTHON=${PYTHON:-python}
 if [ "${SKIP_INSTALL:-0}" != 1 ]; then
   # Install the torch CPU build first where you can (see README): the extra's
   # range then installs nothing more.
-  # --no-compile: Python compiles what the tests import as they import it,
-  # instead of pip compiling every module of TensorFlow, JAX and PyTorch.
-  "$PYTHON" -m pip install -q --no-compile -e ".[all,test]" || exit 1
+  "$PYTHON" -m pip install -q -e ".[all,test]" || exit 1
 fi
 # The linter first: its configuration is pyproject.toml's [tool.ruff].
 echo "=== ruff ==="
