@@ -59,7 +59,7 @@ run_pass() {  # backend [pytest args...]: one pass, its log and status in $repor
   echo "=== $backend: $(( $(date +%s) - begin )) s ===" >> "$reports/$backend.log"
 }
 
-setup_colab() {  # the lane's wheel and environment (pip, mostly waiting on files)
+setup_colab() {  # the lane's wheel and environment
   if [ "${SKIP_COLAB:-0}" != 1 ]; then
     COLAB_LANE_STEP=setup PYTHON="$PYTHON" bash tests/colab_lane.sh > "$reports/colab-setup.log" 2>&1
     echo $? > "$reports/colab-setup.status"
@@ -81,7 +81,7 @@ run_colab() {
     else
       cp "$reports/colab-setup.status" "$reports/colab.status"
     fi
-    echo "=== Colab lane: $(( $(date +%s) - begin )) s after the tensorflow pass ===" >> "$reports/colab.log"
+    echo "=== Colab lane: $(( $(date +%s) - begin )) s (its set-up: the line above) ===" >> "$reports/colab.log"
   fi
 }
 
@@ -97,8 +97,8 @@ if [ "$jobs" -ge 2 ]; then
   echo "=== two streams: jax then torch, and tensorflow then the Colab lane ==="
   ( run_pass jax "$@"; show jax; run_pass torch "$@"; show torch ) &
   first=$!
-  # The lane's set-up overlaps the tensorflow pass: it is mostly pip
-  # unpacking wheels, and left for after the pass it was 118 s of this
+  # The lane's set-up (a pip install: 102 s, 68 s of it on a CPU, alone)
+  # overlaps the tensorflow pass; after the pass it was 118 s of this
   # stream's time.
   ( setup_colab & setup=$!
     run_pass tensorflow "$@"; show tensorflow
