@@ -64,6 +64,16 @@ def randaugment_strength(magnitude):
 
 
 def _layers(implementation, randaugment_layers, randaugment_magnitude, mixup, cutmix, seed):
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"Unknown augmentation implementation {implementation!r}. Valid: "
+            f"{', '.join(IMPLEMENTATIONS)}."
+        )
+    randaugment_on = bool(randaugment_layers and randaugment_magnitude)
+    if not (randaugment_on or mixup or cutmix):
+        # Nothing to build: importing KerasCV (2 s) would only slow the
+        # start of every run without these augmentations (digits, fine-tuning).
+        return None, None, None
     if implementation == "keras_cv":
         try:
             import keras_cv
@@ -78,7 +88,7 @@ def _layers(implementation, randaugment_layers, randaugment_magnitude, mixup, cu
         ))
         mix = lambda: keras_cv.layers.MixUp(alpha=mixup, seed=seed + 1)  # noqa: E731
         cut = lambda: keras_cv.layers.CutMix(alpha=cutmix, seed=seed + 2)  # noqa: E731
-    elif implementation == "keras":
+    else:
         import keras
 
         randaugment = lambda: _equalization_by_bincount(keras.layers.RandAugment(  # noqa: E731
@@ -87,11 +97,6 @@ def _layers(implementation, randaugment_layers, randaugment_magnitude, mixup, cu
         ))
         mix = lambda: keras.layers.MixUp(alpha=mixup, seed=seed + 1)  # noqa: E731
         cut = lambda: keras.layers.CutMix(factor=cutmix, seed=seed + 2)  # noqa: E731
-    else:
-        raise ValueError(
-            f"Unknown augmentation implementation {implementation!r}. Valid: "
-            f"{', '.join(IMPLEMENTATIONS)}."
-        )
     # The layers compute in float32 whatever the global dtype policy: the
     # pipeline's pixels are float32, and under mixed_bfloat16 (chosen by
     # mixed_precision) the RandAugment and CutMix sublayers that took the
@@ -102,7 +107,7 @@ def _layers(implementation, randaugment_layers, randaugment_magnitude, mixup, cu
     keras.config.set_dtype_policy("float32")
     try:
         return (
-            randaugment() if randaugment_layers and randaugment_magnitude else None,
+            randaugment() if randaugment_on else None,
             mix() if mixup else None,
             cut() if cutmix else None,
         )

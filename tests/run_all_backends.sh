@@ -6,7 +6,8 @@
 #   bash tests/run_all_backends.sh -m "not slow"   # extra args go to pytest
 # Set SKIP_INSTALL=1 to use the environment as it is, SKIP_COLAB=1 to leave
 # the Colab lane out (it needs Python 3.13), JOBS=1 to run the passes one
-# after another.
+# after another, REPORTS_DIR to a new folder to keep each pass's junit file
+# and log there (benchmarks/ci_times.py tabulates where the time went).
 #
 # Two streams run side by side (JOBS=2, the default on 2 or more cores):
 # jax then torch, and tensorflow then the Colab lane (whose set-up runs
@@ -36,7 +37,17 @@ fi
 # The linter first: its configuration is pyproject.toml's [tool.ruff].
 echo "=== ruff ==="
 "$PYTHON" -m ruff check . || exit 1
-reports=$(mktemp -d)
+if [ -n "${REPORTS_DIR:-}" ]; then
+  # New or empty: the compilation caches below must start empty.
+  if [ -n "$(ls -A "$REPORTS_DIR" 2>/dev/null)" ]; then
+    echo "error: REPORTS_DIR=$REPORTS_DIR is not empty: name a new folder" >&2
+    exit 1
+  fi
+  mkdir -p "$REPORTS_DIR" || exit 1
+  reports=$(cd "$REPORTS_DIR" && pwd)
+else
+  reports=$(mktemp -d)
+fi
 export JAX_COMPILATION_CACHE_DIR="$reports/jax-cache"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=-1
 mkdir -p "$reports/tf-xla-cache"
@@ -139,5 +150,10 @@ passed = totals["tests"] - failed - totals["skipped"]
 print(f"total: {passed} passed, {failed} failed, {totals['skipped']} skipped")
 PY
 echo "=== all passes: $(( $(date +%s) - begin_all )) s (JOBS=$jobs) ==="
-rm -rf "$reports"
+if [ -n "${REPORTS_DIR:-}" ]; then
+  rm -rf "$reports"/*-cache "$reports"/tmp-* "$reports"/.show.lock
+  echo "junit files and logs kept in $reports: python benchmarks/ci_times.py $reports"
+else
+  rm -rf "$reports"
+fi
 exit $status

@@ -128,6 +128,20 @@ def test_layers_compute_in_float32_under_mixed_precision(implementation):
         np.testing.assert_allclose(labels.sum(1), 1, atol=1e-5)
 
 
+def test_kerascv_is_imported_only_for_a_layer_it_builds(monkeypatch):
+    """Without RandAugment, MixUp or CutMix nothing is built, and KerasCV
+    (2 s to import) is not imported: every digits or fine-tuning run starts
+    without it. Where a layer needs it and it is missing, the error names
+    the extra and the Keras-core alternative."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "keras_cv", None)  # as if not installed
+    assert augment.augmenters(randaugment_magnitude=0, mixup=0, cutmix=0) == (None, None)
+    with pytest.raises(ImportError, match=r"needs KerasCV: pip install \"keras-mixer\[train\]\"; "
+                                          "or set augment_impl='keras'"):
+        augment.augmenters(randaugment_magnitude=9)
+
+
 def test_magnitude_mapping_and_errors(caplog):
     assert augment.randaugment_strength(9) == pytest.approx(0.9)
     assert augment.randaugment_strength(15) == 1.0

@@ -5,6 +5,7 @@ import sys
 
 from keras_mixer import MLPMixer
 from conftest import ROOT
+from conftest import once
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import shapes  # noqa: E402
@@ -45,3 +46,21 @@ def test_benchmark_scripts_import_each_other_without_a_cycle():
 
     assert not [name for name in graph if reaches(name, name)]
     assert "shapes" in graph["bench_model"] and "shapes" in graph["gemm_peak"]
+
+
+@once("it reads XML files; no backend work")
+def test_ci_times_sums_each_module_per_pass_from_junit_files(tmp_path):
+    import ci_times
+
+    def junit(*cases):
+        return ("<testsuites><testsuite>" + "".join(
+            f'<testcase classname="{c}" name="{n}" time="{t}"/>' for c, n, t in cases) + "</testsuite></testsuites>")
+
+    (tmp_path / "jax.xml").write_text(junit(("tests.test_a", "test_1", 10.5), ("tests.test_a", "test_2", 2),
+                                            ("tests.test_b.TestGroup", "test_3", 30)))
+    (tmp_path / "torch.xml").write_text(junit(("tests.test_a", "test_1", 4)))
+    names, rows = ci_times.module_table(ci_times.read(tmp_path))
+    assert names == ["jax", "torch"]
+    assert rows == [("test_b", 30, 0, 30), ("test_a", 12.5, 4, 16.5), ("total", 42.5, 4, 46.5)]
+    assert ci_times.slowest(ci_times.read(tmp_path), 2) == [
+        (30, "jax", "test_b::TestGroup::test_3"), (10.5, "jax", "test_a::test_1")]
