@@ -52,6 +52,11 @@ export JAX_COMPILATION_CACHE_DIR="$reports/jax-cache"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=-1
 mkdir -p "$reports/tf-xla-cache"
 export TF_XLA_FLAGS="${TF_XLA_FLAGS:+$TF_XLA_FLAGS }--tf_xla_persistent_cache_directory=$reports/tf-xla-cache"
+# PyTorch's OpenMP threads wait for work by spinning: where the other
+# stream keeps a core busy, they burn it instead of yielding it. With one
+# core kept busy by another process, the quickstart notebook's PyTorch run
+# took 160 s spinning and 26 s waiting passively; alone, 17 s either way.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 # The JAX pass leaves the Colab lane's tests of the Colab user's path (the
 # notebooks, the installed command) to the lane, which runs them on JAX too
 # (tests/conftest.py's `in_the_colab_lane`).

@@ -16,6 +16,7 @@ from base import compiled_tiny_model
 from conftest import INSTALLED
 from conftest import ROOT
 from conftest import gcs_files
+from conftest import in_the_colab_lane
 from conftest import once
 from conftest import subprocess_env
 from keras_mixer import checkpoint
@@ -142,6 +143,8 @@ def newest_step(url):
     return max(steps, default=0)
 
 
+@in_the_colab_lane("a Colab user keeps runs in a bucket; the lane's gcsfs is unpinned, as "
+                   "here, and test_launch's runs train into the bucket on this pass's versions")
 def test_train_py_with_a_gs_work_directory(gcs_bucket, tmp_path):
     """Every file in the bucket, nothing on the local disk; kill -9 mid-run and
     the same command resumes from the bucket's state to the weights of an
