@@ -383,6 +383,8 @@ def test_best_model_survives_a_resume_and_holds_what_was_measured(tmp_path, monk
     assert accuracy == pytest.approx(max(scores), abs=1e-6)
 
 
+@once("the failed write and its clean-up are file code; the exact resume on every backend is "
+      "test_a_kill_mid_epoch_then_resume_is_bit_identical_with_ema's")
 def test_a_full_disk_mid_run_keeps_the_last_state_and_the_resume_is_exact(tmp_path, monkeypatch):
     """The disk fills while the state of step 12 is being written: part of
     the file is on disk when the write fails, as with a real ENOSPC."""
@@ -477,6 +479,7 @@ def test_a_damaged_image_stops_a_run_naming_it_and_skip_trains_on_the_rest(tmp_p
     assert results["steps"] == 1  # 7 images, batch 4
 
 
+@once("log.csv's rows are written by the callbacks from the step counts, the same on every backend")
 def test_log_rows_are_neither_lost_nor_repeated_across_a_kill(tmp_path, monkeypatch):
     # The kill comes after epoch 1's row is logged and its end-of-epoch state
     # (step 22) is written; the resume from step 22 repeats nothing. A second
