@@ -61,6 +61,7 @@ def test_each_subcommand_has_its_own_help(name, flags, capsys, monkeypatch):
 
 
 @once("the installed script and python -m start the same code; the subprocesses run JAX")
+@in_the_colab_lane("the installed command, which the lane has from the built wheel")
 def test_the_installed_command_and_python_m_are_the_same_command(tmp_path):
     result = keras_mixer("predict", "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -102,6 +103,7 @@ def test_train_evaluate_predict_export_from_a_folder_outside_the_checkout(tmp_pa
 
 
 @once("the error printer runs before any backend work; the subprocess runs JAX")
+@in_the_colab_lane("the installed command's errors, as a Colab user reads them")
 def test_a_user_error_is_one_line(tmp_path):
     # (--debug's traceback: test_training's train.py test, the same cli.run.)
     result = keras_mixer("train", "--set", "learning_rate=-1", cwd=tmp_path)
@@ -113,6 +115,7 @@ def test_a_user_error_is_one_line(tmp_path):
 
 @pytest.mark.skipif(not runtime.wants_malloc_tunables({}), reason="glibc malloc settings: Linux with glibc only")
 @once("the re-execution happens before any backend work; the subprocess runs JAX")
+@in_the_colab_lane("the installed command's start, as a Colab user runs it")
 def test_train_re_executes_once_with_the_malloc_settings_and_the_others_do_not(tmp_path):
     env = {k: v for k, v in subprocess_env("jax").items() if k != "GLIBC_TUNABLES"}
     for name, processes in (("train", 2), ("predict", 1)):

@@ -21,6 +21,7 @@ from base import tiny_config
 from base import to_numpy
 from conftest import INSTALLED
 from conftest import ROOT
+from conftest import in_the_colab_lane
 from conftest import once
 from conftest import subprocess_env
 
@@ -238,6 +239,8 @@ def final_weights(workdir):
     return keras.saving.load_model(workdir / "model.keras").get_weights()
 
 
+@in_the_colab_lane("a Colab runtime that disconnects is preempted; on this pass's versions "
+                   "test_launch stops train.py with SIGKILL and SIGTERM and resumes it exactly")
 def test_sigterm_and_sigkill_then_resume_match_an_uninterrupted_run(tmp_path):
     reference = start(tmp_path / "reference")
     output = reference.communicate(timeout=600)[0]
@@ -529,6 +532,7 @@ def test_train_py_user_error_is_one_line_on_every_backend():
 
 @once("the checks run before any backend work; test_train_py_user_error_is_one_line_on_every_backend "
       "shows each backend's start-up leaves the error last")
+@in_the_colab_lane("train.py's errors as a Colab user reads them")
 def test_train_py_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     (tmp_path / "busy").write_text("a file")
     for args, message in (
