@@ -58,8 +58,9 @@ export TF_XLA_FLAGS="${TF_XLA_FLAGS:+$TF_XLA_FLAGS }--tf_xla_persistent_cache_di
 # took 160 s spinning and 26 s waiting passively; alone, 17 s either way.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 # The JAX pass leaves the Colab lane's tests of the Colab user's path (the
-# notebooks, the installed command) to the lane, which runs them on JAX too
-# (tests/conftest.py's `in_the_colab_lane`).
+# notebooks, the installed command, a run in a bucket, train.py's errors and
+# preemption) to the lane, which runs them on JAX too (tests/conftest.py's
+# `in_the_colab_lane`).
 [ "${SKIP_COLAB:-0}" != 1 ] && export KERAS_MIXER_COLAB_LANE_RUNS=1
 jobs=${JOBS:-$( [ "$(nproc 2>/dev/null || echo 1)" -ge 2 ] && echo 2 || echo 1 )}
 begin_all=$(date +%s)
