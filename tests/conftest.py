@@ -28,8 +28,9 @@ def in_the_colab_lane(reason):
     """Marks a test that the JAX pass leaves to the Colab lane when the lane
     runs in the same CI run: a test of what a Colab user runs (the
     notebooks, the installed command, train.py with its run in a bucket,
-    its errors, its preemption), which the lane runs on JAX too, on Colab's versions and from the built
-    wheel, the closer copy of that user's path. Run alone, or with SKIP_COLAB=1, the JAX pass runs it."""
+    its errors, its preemption), which the lane runs on JAX too, on
+    Colab's versions and from the built wheel, the closer copy of that
+    user's path. Run alone, or with SKIP_COLAB=1, the JAX pass runs it."""
     import keras
 
     return pytest.mark.skipif(

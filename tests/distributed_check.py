@@ -39,7 +39,9 @@ def main(argv):
     config = config_lib.load("digits")
     config.update(train_steps=3, steps_per_epoch=1, warmup_fraction=0.0)
     # Two blocks at a quarter of the width: every MLP still splits over 2
-    # and 4 model devices, and each mode compiles in half the time.
+    # and 4 model devices. Measured alone, the JAX test took 52 s against
+    # 58 s with the digits model, TensorFlow's mirrored one 33 against 41 s:
+    # most of the time is XLA compiling about 110 small programs per run.
     config["model"].update(num_blocks=2, hidden_dim=16, tokens_mlp_dim=16, channels_mlp_dim=64)
     for spec in modes:
         mode, _, size = spec.partition(":")
