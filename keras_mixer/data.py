@@ -15,6 +15,7 @@ the batches an uninterrupted run would have seen from step `s` on.
 import contextlib
 import dataclasses
 import math
+import os
 
 import numpy as np
 
@@ -33,6 +34,34 @@ from keras_mixer import sources as sources_lib
 EVAL_CROPS = config_lib.EVAL_CROPS
 # The paper evaluates on a 224 crop of a 256 resize; other sizes keep the ratio.
 CENTER_CROP_FRACTION = 224 / 256
+
+
+def without_autotuning(dataset):
+    """`dataset` with tf.data's autotuning off: every `AUTOTUNE` map runs one
+    call per schedulable core, and `prefetch(AUTOTUNE)` sizes its buffer by
+    its own rule, as it does either way.
+
+    Why: deleting an autotuned iterator can wait for tf.data's autotuning
+    thread. The cancellation wakes that thread before it counts as
+    cancelled, so the thread sleeps out the rest of its optimization
+    period, which doubles up to 60 s (TensorFlow 2.21). Keras deletes its
+    iterator at the end of every `fit`, `evaluate` and `predict` over a
+    dataset, so these calls could end with a pause of up to a minute:
+    `train.py` sat 13-32 s after its last epoch in 8 of 17 runs of one
+    small config on PyTorch, and up to 39 s on JAX. Without autotuning
+    there is no such thread: in `benchmarks/iterator_teardown.py` 7 of 15
+    deletions stalled with it and none without, at the same images/s
+    (docs/benchmarks.md).
+
+    tf.data starts an autotuned map at `min(16, cores)` calls;
+    `initial_parallelism` set to the core count makes that every core, which
+    a many-core TPU host needs.
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.autotune.initial_parallelism = len(os.sched_getaffinity(0)) if hasattr(
+        os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return dataset.with_options(options)
 
 
 def _shifted_copies(images, pad):
@@ -295,7 +324,7 @@ def _finish(stream, batch_augment, start_step):
             lambda batch, step: batch_augment(batch[0], batch[1], step),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
         )
-    return stream.prefetch(tf.data.AUTOTUNE)
+    return without_autotuning(stream.prefetch(tf.data.AUTOTUNE))
 
 
 def _check_fixed_shape(source, image_shape):
@@ -330,7 +359,7 @@ def eval_pipeline(source, batch_size, image_shape, crop="resize-crop",
         return tf.ensure_shape(image, image_shape), tf.one_hot(label, source.num_classes)
 
     dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return without_autotuning(dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
 
 def pad_batches(dataset, batch_size, num_batches=None, multiple=False):

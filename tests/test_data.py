@@ -2,6 +2,7 @@
 a config's datasets."""
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -230,6 +231,25 @@ def test_make_datasets_of_the_digits_config():
     # MixUp and CutMix in the train step: the batch carries their draws.
     x, labels = next(iter(data.make_datasets(dict(config, mixup=0.2), 32).train_fn(0)))
     assert set(x) == {"images", "mix"} and x["mix"].shape == (32, 6) and labels.shape == (32, 10)
+
+
+def test_every_pipeline_the_trainer_reads_runs_without_tf_data_autotuning(mock_cifar):
+    """Deleting an autotuned iterator could wait up to a minute for tf.data's
+    autotuning thread (`data.without_autotuning`), at the end of each `fit`,
+    `evaluate` and `predict`; every map then runs one call per core."""
+    cores = len(os.sched_getaffinity(0))
+    image, batch = augment.augmenters(randaugment_magnitude=9, mixup=0.2, mix_on="host")
+    digits = data.make_datasets(config_lib.resolve(config_lib.load("digits")), 32)
+    pipelines = {
+        "digits train": digits.train_fn(5),
+        "digits eval": digits.eval,
+        "train": data.train_pipeline(mock_cifar, 4, SHAPE, image_augment=image, batch_augment=batch)[0],
+        "eval": data.eval_pipeline(mock_cifar, 4, SHAPE),
+        "eval padded for replicas": data.pad_batches(data.eval_pipeline(mock_cifar, 5, SHAPE), 2, multiple=True),
+    }
+    for name, dataset in pipelines.items():
+        options = dataset.options().autotune
+        assert (name, options.enabled, options.initial_parallelism) == (name, False, cores)
 
 
 def test_representative_images_are_evaluation_images():
