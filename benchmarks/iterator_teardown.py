@@ -13,7 +13,7 @@ longer the pause. keras-mixer's pipelines turn autotuning off
 same pipelines, in one run, alternating: each trial makes an iterator,
 reads batches for `--seconds`, leaves it idle for `--pause` seconds, as
 the end of an epoch does (validation, checkpoints), then deletes it. The
-pause matters: a pipeline still busy at the deletion keeps both cores
+pause matters: a pipeline still busy at the deletion keeps the cores
 taken, and the autotuning thread then rarely wins the race that makes it
 oversleep.
 
