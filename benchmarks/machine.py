@@ -6,7 +6,6 @@ AVX512-BF16 (bf16 dot products) and AMX (tile matrix units). Every
 benchmark prints `describe()` above its table.
 """
 
-import os
 import platform
 
 FEATURES = {
@@ -29,7 +28,9 @@ def cpu_info():
 
 def describe():
     model, features = cpu_info()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from keras_mixer import runtime
+
+    cores = runtime.schedulable_cores()
     lines = [
         f"CPU: {model}, {cores} cores available; matrix features: {', '.join(features) or 'none found'}",
         f"Python {platform.python_version()}, {platform.system()} {platform.machine()}",

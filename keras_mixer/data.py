@@ -15,7 +15,6 @@ the batches an uninterrupted run would have seen from step `s` on.
 import contextlib
 import dataclasses
 import math
-import os
 
 import numpy as np
 
@@ -29,6 +28,7 @@ except ImportError as error:
 
 from keras_mixer import augment as augment_lib
 from keras_mixer import config as config_lib
+from keras_mixer import runtime
 from keras_mixer import sources as sources_lib
 
 EVAL_CROPS = config_lib.EVAL_CROPS
@@ -59,8 +59,7 @@ def without_autotuning(dataset):
     """
     options = tf.data.Options()
     options.autotune.enabled = False
-    options.autotune.initial_parallelism = len(os.sched_getaffinity(0)) if hasattr(
-        os, "sched_getaffinity") else (os.cpu_count() or 1)
+    options.autotune.initial_parallelism = runtime.schedulable_cores()
     return dataset.with_options(options)
 
 

@@ -70,6 +70,14 @@ def ensure_malloc_tunables(argv=None):
     os.execv(sys.executable, [sys.executable] + argv[1:])
 
 
+def schedulable_cores():
+    """CPU cores this process may run on (its affinity mask, which a container
+    or `taskset` narrows; `os.cpu_count()` where there is no such mask)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 # /proc/cpuinfo flags of matrix instructions that compute in bfloat16.
 BF16_MATMUL_FLAGS = ("avx512_bf16", "amx_bf16")
 

@@ -2,7 +2,6 @@
 a config's datasets."""
 
 import dataclasses
-import os
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from conftest import once
 from keras_mixer import augment
 from keras_mixer import config as config_lib
 from keras_mixer import data
+from keras_mixer import runtime
 from keras_mixer import sources
 
 SHAPE = (16, 16, 3)
@@ -237,7 +237,7 @@ def test_every_pipeline_the_trainer_reads_runs_without_tf_data_autotuning(mock_c
     """Deleting an autotuned iterator could wait up to a minute for tf.data's
     autotuning thread (`data.without_autotuning`), at the end of each `fit`,
     `evaluate` and `predict`; every map then runs one call per core."""
-    cores = len(os.sched_getaffinity(0))
+    cores = runtime.schedulable_cores()
     image, batch = augment.augmenters(randaugment_magnitude=9, mixup=0.2, mix_on="host")
     digits = data.make_datasets(config_lib.resolve(config_lib.load("digits")), 32)
     pipelines = {

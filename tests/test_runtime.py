@@ -1,6 +1,7 @@
 """Process settings applied by the entry points (keras_mixer.runtime)."""
 
 import glob
+import os
 import platform
 import shutil
 import subprocess
@@ -89,6 +90,18 @@ def test_bf16_matrix_instructions_are_read_from_the_cpu_flags(tmp_path, flags, e
 def test_a_bad_bf16_override_names_its_values():
     with pytest.raises(ValueError, match=r"KERAS_MIXER_CPU_BF16='yes': use 1 .* 0 .* unset"):
         runtime.cpu_has_bf16_matmul(environ={runtime.BF16_OVERRIDE: "yes"})
+
+
+def test_schedulable_cores_follow_the_affinity_mask_then_the_cpu_count(monkeypatch):
+    """tf.data's parallelism (keras_mixer.data.without_autotuning) follows the
+    cores a container or taskset leaves this process, not the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        assert runtime.schedulable_cores() == len(os.sched_getaffinity(0))
+        monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 12)
+    assert runtime.schedulable_cores() == 12
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # "undetermined"
+    assert runtime.schedulable_cores() == 1
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None or bool(glob.glob("/dev/accel*")),
